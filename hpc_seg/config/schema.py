@@ -1,0 +1,122 @@
+"""Config schema: one dataclass per YAML section.
+
+A YAML file may start with ``base: other.yaml`` (path relative to the file, or a name inside
+``configs/``); the file's own keys are deep-merged over the base. Later issues add sections
+(``train``, ``deepspeed``, ``checkpoint``, ``slurm``) here; everything reads the same ``Config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+@dataclass
+class AugmentConfig:
+    """On-the-fly CPU augmentation of training samples (validation is never augmented)."""
+
+    enabled: bool = True
+    flip: bool = True  # random left-right and up-down flips
+    rotate_deg: float = 10.0  # uniform in [-rotate_deg, rotate_deg]
+    scale: float = 0.1  # zoom factor uniform in [1 - scale, 1 + scale]
+    intensity: float = 0.1  # brightness/contrast jitter on the normalised image
+    p: float = 0.5  # probability of applying the spatial transform
+
+    def validate(self) -> None:
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"augment.p must be in [0, 1], got {self.p}")
+        if self.rotate_deg < 0 or self.scale < 0 or self.intensity < 0:
+            raise ValueError("augment.rotate_deg, scale and intensity must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Where the data lives and how samples are cut from it.
+
+    ``mode``: ``2d`` (one slice), ``2.5d`` (``slices`` adjacent slices as channels) or ``3d``
+    (patches of ``patch_depth`` slices). ``window`` is the HU window [low, high] applied before
+    normalisation (CT only; RGB images are scaled by ``rgb_mean``/``rgb_std``).
+    """
+
+    store: str = "outputs/phantom.zarr"
+    dataset: Literal["lits", "msd", "kvasir", "phantom"] = "phantom"
+    source: Optional[str] = None  # raw data to convert when ``store`` is absent (None: phantom)
+    split_file: Optional[str] = None  # default: <store>/split-seed<split_seed>.json
+    split_seed: int = 0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    mode: Literal["2d", "2.5d", "3d"] = "2.5d"
+    slices: int = 3
+    patch_depth: int = 32
+    size: list[int] = field(default_factory=lambda: [256, 256])
+    window: list[float] = field(default_factory=lambda: [-100.0, 400.0])
+    normalize: Literal["minmax", "zscore"] = "minmax"
+    rgb_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    rgb_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    oversample: float = 0.33  # probability that a sample is redrawn from a foreground slice
+    oversample_class: int = 2  # class whose slices are preferred (tumour); falls back to any fg
+    batch_size: int = 8
+    num_workers: int = 2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        if len(self.size) != 2 or min(self.size) < 8:
+            raise ValueError(f"data.size must be [H, W] with H, W >= 8, got {self.size}")
+        if len(self.window) != 2 or self.window[0] >= self.window[1]:
+            raise ValueError(f"data.window must be [low, high] with low < high, got {self.window}")
+        if self.mode == "2.5d" and (self.slices < 1 or self.slices % 2 == 0):
+            raise ValueError(f"data.slices must be odd and >= 1 for 2.5d, got {self.slices}")
+        if not 0.0 <= self.oversample <= 1.0:
+            raise ValueError(f"data.oversample must be in [0, 1], got {self.oversample}")
+        if self.val_fraction < 0 or self.test_fraction < 0 or self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("data.val_fraction + data.test_fraction must be < 1 and both >= 0")
+        if self.dataset == "kvasir" and self.mode != "2d":
+            raise ValueError(f"data.mode must be '2d' for kvasir (single RGB images), got '{self.mode}'")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("data.batch_size must be >= 1 and data.num_workers >= 0")
+
+    @property
+    def in_channels(self) -> int:
+        """Channels a model sees for this data (RGB: 3 per slice, CT: 1 per slice)."""
+        per_slice = 3 if self.dataset == "kvasir" else 1
+        depth = self.slices if self.mode == "2.5d" else 1
+        return per_slice * depth
+
+    @property
+    def num_classes(self) -> int:
+        return 2 if self.dataset == "kvasir" else 3
+
+
+@dataclass
+class ModelConfig:
+    """Which architecture (``hpc_seg.models`` registry name) at which size, plus overrides."""
+
+    name: Literal["unetpp", "unet_aspp", "transunet"] = "unet_aspp"
+    size: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 12, attention: true}
+    pretrained: Optional[str] = None  # local weights file (npz/pt); never downloaded
+
+
+@dataclass
+class LossConfig:
+    """``dice_weight * soft Dice + ce_weight * CE`` (paper: 0.3 / 0.7)."""
+
+    kind: Literal["dice_ce", "jaccard_ce", "bce_dice"] = "dice_ce"
+    dice_weight: float = 0.3
+    ce_weight: float = 0.7
+    smooth: float = 1e-5
+    class_weights: Optional[list[float]] = None
+
+    def validate(self) -> None:
+        if self.dice_weight < 0 or self.ce_weight < 0 or self.dice_weight + self.ce_weight == 0:
+            raise ValueError("loss weights must be >= 0 and not both 0")
+
+
+@dataclass
+class Config:
+    """Top-level config; ``name`` labels runs and reports."""
+
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)

@@ -1,0 +1,188 @@
+"""Streaming datasets over the hpc-seg Zarr store, and the rank/worker-sharded sampler.
+
+* ``ZarrSliceDataset`` yields 2D slices (``mode: 2d``), 2.5D stacks of ``slices`` adjacent
+  slices as channels (``2.5d``; the label is the centre slice) or 3D patches of ``patch_depth``
+  slices (``3d``). Every slice of every case is one item (3D: non-overlapping z-windows).
+* Items are addressed as ``(index, epoch)``; all randomness (foreground oversampling,
+  augmentation) is drawn from ``Generator([seed, epoch, index])``, so a sample is identical
+  whichever DataLoader worker or rank produces it, and a resumed run sees the same samples.
+* Zarr arrays are opened lazily per process (after fork/spawn), never shared across workers.
+* ``ShardedSampler`` permutes items by (seed, epoch) and gives rank r the items ``perm[r::world]``;
+  DataLoader workers split a rank's stream batch by batch, so each sample is read once per epoch
+  per world (``even=True`` wraps at most world-1 items so that all ranks take equal steps).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from hpc_seg.config.schema import DataConfig
+from hpc_seg.data import store as zstore
+from hpc_seg.data.index import read_index
+from hpc_seg.data.transforms import augment, normalize_rgb, resize, window_ct
+
+
+class ZarrSliceDataset(Dataset):
+    """Args:
+        store: path of an hpc-seg Zarr store.
+        case_ids: cases to draw from (one split).
+        cfg: the ``data`` section of the config.
+        train: enable oversampling and augmentation.
+        seed: base seed of all sample randomness.
+    """
+
+    def __init__(self, store: str | Path, case_ids: list[str], cfg: DataConfig, train: bool,
+                 seed: int = 0):
+        self.store, self.cfg, self.train, self.seed = str(store), cfg, train, seed
+        index = read_index(store)
+        missing = [c for c in case_ids if c not in index["cases"]]
+        if missing:
+            raise zstore.StoreError(f"{store}: cases {missing[:5]} not in the store index")
+        self.case_ids = list(case_ids)
+        self.rgb = index["dataset"] == "kvasir"
+        stats = [index["cases"][c]["stats"] for c in self.case_ids]
+        self.depths = [s["shape"][0] for s in stats]
+        self.fg_slices = [self._fg_slices(s) for s in stats]
+        self.mean, self.std = _foreground_stats(stats, cfg.window)
+        step = cfg.patch_depth if cfg.mode == "3d" else 1
+        self.items = np.array([(ci, z) for ci, d in enumerate(self.depths) for z in range(0, d, step)],
+                              dtype=np.int64).reshape(-1, 2)
+        self._arrays: dict[int, tuple] = {}
+        self._pid = None
+
+    def _fg_slices(self, stats: dict) -> tuple[np.ndarray, np.ndarray]:
+        by_class = stats["slices_with_class"]
+        target = np.asarray(by_class.get(str(self.cfg.oversample_class), []), dtype=np.int64)
+        any_fg = np.unique(np.concatenate([np.asarray(v, np.int64) for v in by_class.values()]
+                                          or [np.zeros(0, np.int64)]))
+        return target, any_fg
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _case(self, ci: int):
+        if self._pid != os.getpid():  # opened lazily, once per process (fork/spawn safe)
+            self._arrays, self._pid = {}, os.getpid()
+        if ci not in self._arrays:
+            root = zstore.open_store(self.store)
+            g = root["cases"][self.case_ids[ci]]
+            self._arrays[ci] = (g["image"], g["label"])
+        return self._arrays[ci]
+
+    def _pick(self, index: int, rng: np.random.Generator) -> tuple[int, int]:
+        ci, z = (int(v) for v in self.items[index])
+        if self.train and self.cfg.oversample > 0 and rng.random() < self.cfg.oversample:
+            target, any_fg = self.fg_slices[ci]
+            pool = target if len(target) else any_fg
+            if len(pool):
+                z = int(pool[rng.integers(len(pool))])
+                if self.cfg.mode == "3d":  # centre the patch on the foreground slice
+                    z = max(0, min(z - self.cfg.patch_depth // 2, self.depths[ci] - self.cfg.patch_depth))
+        return ci, z
+
+    def read(self, ci: int, z: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (C*k, H, W) image and (H, W) label for 2D/2.5D; (C, D, H, W)/(D, H, W) for 3D."""
+        image, label = self._case(ci)
+        depth = self.depths[ci]
+        if self.cfg.mode == "3d":
+            lo, hi = z, z + self.cfg.patch_depth
+        else:
+            half = (self.cfg.slices // 2) if self.cfg.mode == "2.5d" else 0
+            lo, hi = z - half, z + half + 1
+        a, b = max(lo, 0), min(hi, depth)
+        img = image[:, a:b]
+        idx = np.clip(np.arange(lo, hi), 0, depth - 1) - a  # replicate edge slices
+        if self.cfg.mode == "3d":
+            lab = label[a:b]
+            pad = np.arange(lo, hi) < depth  # beyond the end: zero image label / edge image
+            img, lab = img[:, idx], np.where(pad[:, None, None], lab[np.minimum(idx, b - a - 1)], 0)
+            return img, lab
+        img = img[:, idx]
+        return img.reshape(-1, *img.shape[2:]), label[z]
+
+    def __getitem__(self, key) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        ci, z = self._pick(index, rng)
+        raw, lab = self.read(ci, z)
+        if self.rgb:
+            img = normalize_rgb(raw, self.cfg.rgb_mean, self.cfg.rgb_std)
+        else:
+            img = window_ct(raw, self.cfg.window, self.cfg.normalize, self.mean, self.std)
+        image, label = resize(torch.from_numpy(img), torch.from_numpy(lab.astype(np.int64)),
+                              tuple(self.cfg.size))
+        if self.train and self.cfg.augment.enabled:
+            image, label = augment(image, label, rng, self.cfg.augment)
+        return {"image": image.float(), "label": label, "case": ci, "z": z}
+
+
+def _foreground_stats(stats: list[dict], window) -> tuple[float, float]:
+    """Pooled foreground mean/std over cases (for zscore), clipped into the window."""
+    w = [s["label_counts"][1:] for s in stats]
+    n = np.array([sum(c) for c in w], dtype=np.float64)
+    if n.sum() == 0 or not all("foreground_mean" in s for s, k in zip(stats, n) if k > 0):
+        return float(np.mean(window)), float((window[1] - window[0]) / 4)
+    means = np.array([s.get("foreground_mean", [0.0])[0] for s in stats])
+    stds = np.array([s.get("foreground_std", [0.0])[0] for s in stats])
+    mean = float((n * means).sum() / n.sum())
+    var = float((n * (stds ** 2 + (means - mean) ** 2)).sum() / n.sum())
+    return float(np.clip(mean, *window)), float(max(np.sqrt(var), 1.0))
+
+
+class ShardedSampler(Sampler):
+    """Deterministic (seed, epoch) permutation, sharded over ``world`` ranks; resumable.
+
+    Yields ``(index, epoch)``. ``set_epoch(e)`` starts epoch e; ``skip(n)`` drops the first n
+    items of this rank's shard (resuming mid-epoch).
+    """
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0,
+                 even: bool = True):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world of size {world}")
+        self.n, self.rank, self.world, self.shuffle, self.seed, self.even = n, rank, world, shuffle, seed, even
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.start = epoch, 0
+
+    def skip(self, n: int) -> None:
+        self.start = n
+
+    def _shard(self) -> np.ndarray:
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
+                 else np.arange(self.n))
+        if self.even and self.n % self.world:
+            order = np.concatenate([order, order[: self.world - self.n % self.world]])
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        for i in self._shard()[self.start:]:
+            yield int(i), self.epoch
+
+    def __len__(self) -> int:
+        return max(len(self._shard()) - self.start, 0)
+
+
+def build_loader(cfg: DataConfig, case_ids: list[str], train: bool, rank: int = 0, world: int = 1,
+                 seed: int = 0, batch_size: int | None = None, num_workers: int | None = None):
+    """DataLoader over ``case_ids`` with the sharded sampler; returns (loader, sampler)."""
+    ds = ZarrSliceDataset(cfg.store, case_ids, cfg, train=train, seed=seed)
+    sampler = ShardedSampler(len(ds), rank, world, shuffle=train, seed=seed, even=train)
+    workers = cfg.num_workers if num_workers is None else num_workers
+    loader = DataLoader(ds, batch_size=batch_size or cfg.batch_size, sampler=sampler,
+                        num_workers=workers, drop_last=train, pin_memory=False,
+                        persistent_workers=False, collate_fn=_collate)
+    return loader, sampler
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"image": torch.stack([it["image"] for it in items]),
+            "label": torch.stack([it["label"] for it in items]),
+            "case": torch.tensor([it["case"] for it in items]),
+            "z": torch.tensor([it["z"] for it in items])}
