@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = (ROOT / ".." / "shared" / "data").resolve()
+SHARED = Path(os.environ.get("HPC_SEG_SHARED_DATA", ROOT / ".." / "shared" / "data")).resolve()
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

@@ -145,6 +145,15 @@ def convert_case(src: CaseSource, store_path: str, num_classes: int) -> tuple[st
     return src.case_id, "ok", None
 
 
+def _single_threaded_worker() -> None:
+    """One core per worker process: the pool, not threads inside each worker, gives parallelism."""
+    import numcodecs
+    import zarr
+
+    numcodecs.blosc.set_nthreads(1)
+    zarr.config.set({"threading.max_workers": 1})
+
+
 def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -163,7 +172,8 @@ def convert(dataset: str, src: str | Path, out: str | Path, workers: int = 1,
     report = ConversionReport(Path(out))
     pool = None
     if workers > 1:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                   initializer=_single_threaded_worker)
     try:
         with _progress() if show_progress else _NullProgress() as progress:
             task = progress.add_task("", total=len(sources))

@@ -71,7 +71,7 @@ class ZarrSliceDataset(Dataset):
         if ci not in self._arrays:
             root = zstore.open_store(self.store)
             g = root["cases"][self.case_ids[ci]]
-            self._arrays[ci] = (g["image"], g["label"])
+            self._arrays[ci] = (zstore.ChunkReader(g["image"]), zstore.ChunkReader(g["label"]))
         return self._arrays[ci]
 
     def _pick(self, index: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -95,15 +95,14 @@ class ZarrSliceDataset(Dataset):
             half = (self.cfg.slices // 2) if self.cfg.mode == "2.5d" else 0
             lo, hi = z - half, z + half + 1
         a, b = max(lo, 0), min(hi, depth)
-        img = image[:, a:b]
+        lab_sel = slice(a, b) if self.cfg.mode == "3d" else z
+        img, lab = image[:, a:b], label[lab_sel]
         idx = np.clip(np.arange(lo, hi), 0, depth - 1) - a  # replicate edge slices
-        if self.cfg.mode == "3d":
-            lab = label[a:b]
-            pad = np.arange(lo, hi) < depth  # beyond the end: zero image label / edge image
-            img, lab = img[:, idx], np.where(pad[:, None, None], lab[np.minimum(idx, b - a - 1)], 0)
-            return img, lab
         img = img[:, idx]
-        return img.reshape(-1, *img.shape[2:]), label[z]
+        if self.cfg.mode == "3d":  # past the last slice: edge image, background label
+            inside = (np.arange(lo, hi) < depth)[:, None, None]
+            return img, np.where(inside, lab[np.minimum(idx, b - a - 1)], 0).astype(np.uint8)
+        return img.reshape(-1, *img.shape[2:]), lab
 
     def __getitem__(self, key) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)

@@ -15,28 +15,52 @@ from hpc_seg.utils.atomic import atomic_write_json
 PERCENTILES = (0.5, 1, 5, 25, 50, 75, 95, 99, 99.5)
 
 
+def _summary(vals: np.ndarray) -> tuple[list[float], float, float]:
+    """Percentiles (as ``np.percentile``, linear), mean and std of one channel.
+
+    Integer data (CT HU, RGB) goes through one histogram: O(n), no sort, no float copy.
+    """
+    if vals.size == 0:
+        return [0.0] * len(PERCENTILES), 0.0, 0.0
+    if vals.dtype.kind not in "iu":
+        return [float(v) for v in np.percentile(vals, PERCENTILES)], float(vals.mean()), float(vals.std())
+    lo = int(vals.min())
+    hist = np.bincount((vals.ravel().astype(np.int32) - lo))
+    values = np.arange(lo, lo + len(hist), dtype=np.float64)
+    n = vals.size
+    mean = float((hist * values).sum() / n)
+    std = float(np.sqrt(max((hist * (values - mean) ** 2).sum() / n, 0.0)))
+    cum = np.cumsum(hist)
+    pct = []
+    for q in PERCENTILES:
+        r = q / 100.0 * (n - 1)
+        below, above = int(np.floor(r)), int(np.ceil(r))
+        v0 = int(np.searchsorted(cum, below, side="right")) + lo  # value of sorted entry #below
+        v1 = int(np.searchsorted(cum, above, side="right")) + lo
+        pct.append(float(v0 + (v1 - v0) * (r - below)))
+    return pct, mean, std
+
+
 def case_stats(image: np.ndarray, label: np.ndarray, num_classes: int,
                spacing: tuple[float, float, float]) -> dict:
     """Statistics of one (C, Z, Y, X) image and its (Z, Y, X) label."""
-    counts = np.bincount(label.ravel(), minlength=num_classes)[:num_classes]
-    per_slice = np.stack([(label == c).any(axis=(1, 2)) for c in range(num_classes)])
-    vals = image.reshape(image.shape[0], -1)
-    fg = label.reshape(-1) > 0
+    counts = np.array([np.count_nonzero(label == c) for c in range(num_classes)])
+    present = {c: np.flatnonzero((label == c).any(axis=(1, 2))).tolist() for c in range(1, num_classes)}
+    summaries = [_summary(ch) for ch in image]
     stats = {
         "shape": list(label.shape),
         "spacing": [float(s) for s in spacing],
         "label_counts": [int(c) for c in counts],
-        "slices_with_class": {str(c): np.flatnonzero(per_slice[c]).tolist()
-                              for c in range(1, num_classes)},
-        "intensity_percentiles": {
-            str(p): [float(v) for v in np.percentile(vals, p, axis=1)] for p in PERCENTILES},
-        "mean": [float(v) for v in vals.mean(axis=1)],
-        "std": [float(v) for v in vals.std(axis=1)],
+        "slices_with_class": {str(c): z for c, z in present.items()},
+        "intensity_percentiles": {str(q): [s[0][i] for s in summaries] for i, q in enumerate(PERCENTILES)},
+        "mean": [s[1] for s in summaries],
+        "std": [s[2] for s in summaries],
     }
-    if fg.any():
-        fg_vals = vals[:, fg]
-        stats["foreground_mean"] = [float(v) for v in fg_vals.mean(axis=1)]
-        stats["foreground_std"] = [float(v) for v in fg_vals.std(axis=1)]
+    fg = label > 0
+    if counts[1:].sum() > 0:
+        fg_summaries = [_summary(ch[fg]) for ch in image]
+        stats["foreground_mean"] = [s[1] for s in fg_summaries]
+        stats["foreground_std"] = [s[2] for s in fg_summaries]
     return stats
 
 

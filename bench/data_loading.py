@@ -1,0 +1,171 @@
+"""Benchmark: random 2.5D samples/s from the Zarr store vs NIfTI access patterns, bytes on disk,
+and conversion speed-up with 2 workers vs 1.
+
+A sample is 3 adjacent 512×512 int16 slices + the centre label slice, read into memory (numpy).
+Compared, on the same random (case, slice) list, page cache warm, one process:
+
+  zarr        hpc-seg's dataset read path (``ZarrSliceDataset.read``)
+  (a) whole   load the whole volume + segmentation per sample (``.nii.gz`` and ``.nii``), then slice
+  (b) proxy   nibabel ArrayProxy slicing of ``.nii.gz`` (image objects kept open)
+  (c) mmap    nibabel mmap slicing of uncompressed ``.nii`` (image objects kept open), copied out
+
+Run::
+
+    python bench/data_loading.py                       # → bench/results/data_loading.json
+    python bench/data_loading.py --cases 2 --depth 32 --samples 50 --out /tmp/x.json   # quick
+
+Figures are ratios measured in one run (machines are noisy); see README "Benchmarks".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hpc_seg.config import load_config  # noqa: E402
+from hpc_seg.data.convert import convert  # noqa: E402
+from hpc_seg.data.dataset import ZarrSliceDataset  # noqa: E402
+from hpc_seg.data.phantom import generate_case  # noqa: E402
+from hpc_seg.utils.atomic import atomic_write_json  # noqa: E402
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def make_sources(work: Path, cases: int, shape) -> tuple[Path, Path]:
+    gz, raw = work / "nii-gz", work / "nii"
+    gz.mkdir(parents=True, exist_ok=True)
+    raw.mkdir(parents=True, exist_ok=True)
+    for i in range(cases):
+        c = generate_case(shape, seed=1000 + i)
+        for kind, arr in (("volume", c.volume), ("segmentation", c.label)):
+            img = nib.Nifti1Image(arr, c.affine)
+            nib.save(img, gz / f"{kind}-{i}.nii.gz")
+            nib.save(img, raw / f"{kind}-{i}.nii")
+    return gz, raw
+
+
+def time_per_sample(fn, samples) -> float:
+    t0 = time.perf_counter()
+    for ci, z in samples:
+        fn(ci, z)
+    return (time.perf_counter() - t0) / len(samples)
+
+
+def readers(store: Path, gz: Path, raw: Path, cases: int):
+    cfg = load_config(None, [f"data.store={store}", "data.mode=2.5d", "data.slices=3"]).data
+    ids = [f"lits_{i:04d}" for i in range(cases)]
+    ds = ZarrSliceDataset(store, ids, cfg, train=False)
+    # the store is RAS-canonical (Z, Y, X); NIfTI slices are taken in file order (X, Y, Z)
+    gz_imgs = [(nib.load(gz / f"volume-{i}.nii.gz"), nib.load(gz / f"segmentation-{i}.nii.gz"))
+               for i in range(cases)]
+    mm_imgs = [(nib.load(raw / f"volume-{i}.nii", mmap=True), nib.load(raw / f"segmentation-{i}.nii", mmap=True))
+               for i in range(cases)]
+
+    def whole(folder, ext):  # mmap=False: really read the whole file, as a naive loader does
+        def read(ci, z):
+            v = np.asanyarray(nib.load(folder / f"volume-{ci}{ext}", mmap=False).dataobj)
+            s = np.asanyarray(nib.load(folder / f"segmentation-{ci}{ext}", mmap=False).dataobj)
+            return v[:, :, z - 1:z + 2].copy(), s[:, :, z].copy()
+        return read
+
+    def sliced(imgs):
+        def read(ci, z):
+            v, s = imgs[ci]
+            return np.array(v.dataobj[:, :, z - 1:z + 2]), np.array(s.dataobj[:, :, z])
+        return read
+
+    return {
+        "zarr": lambda ci, z: ds.read(ci, z),
+        "a_whole_nii_gz": whole(gz, ".nii.gz"),
+        "a_whole_nii": whole(raw, ".nii"),
+        "b_proxy_nii_gz": sliced(gz_imgs),
+        "c_mmap_nii": sliced(mm_imgs),
+    }
+
+
+def conversion_speedup(gz: Path, work: Path) -> dict:
+    times = {}
+    for workers in (1, 2):
+        out = work / f"convert-w{workers}.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        convert("lits", gz, out, workers=workers, show_progress=False)
+        times[workers] = time.perf_counter() - t0
+    return {"seconds_1_worker": times[1], "seconds_2_workers": times[2], "speedup_2_vs_1": times[1] / times[2]}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", type=int, default=4)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--depth", type=int, default=96)
+    ap.add_argument("--samples", type=int, default=300)
+    ap.add_argument("--whole-samples", type=int, default=12, help="samples for the slow (a) methods")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", default="/tmp/hpc-seg-bench-data")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "data_loading.json"))
+    args = ap.parse_args(argv)
+
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    gz, raw = make_sources(work, args.cases, (args.size, args.size, args.depth))
+    conv = conversion_speedup(gz, work)
+    store = work / "convert-w2.zarr"
+    fns = readers(store, gz, raw, args.cases)
+    rng = np.random.default_rng(0)
+    samples = [(int(rng.integers(args.cases)), int(rng.integers(1, args.depth - 1))) for _ in range(args.samples)]
+    for name, fn in fns.items():  # warm the page cache and lazy opens
+        time_per_sample(fn, samples[:3])
+    per_round = {name: [] for name in fns}
+    for _ in range(args.rounds):  # interleave methods so that machine noise hits them alike
+        for name, fn in fns.items():
+            n = args.whole_samples if name.startswith("a_") else len(samples)
+            per_round[name].append(time_per_sample(fn, samples[:n]))
+    sec = {k: statistics.median(v) for k, v in per_round.items()}
+    sps = {k: 1.0 / v for k, v in sec.items()}
+    nbytes = {"zarr": dir_bytes(store), "nii": dir_bytes(raw), "nii_gz": dir_bytes(gz)}
+    result = {
+        "setup": {"cases": args.cases, "shape_xyz": [args.size, args.size, args.depth], "samples": args.samples,
+                  "sample": "3 slices int16 + centre label slice", "cpu_count": os.cpu_count()},
+        "samples_per_s": sps,
+        "ratios": {
+            "zarr_vs_a_whole_nii_gz": sps["zarr"] / sps["a_whole_nii_gz"],
+            "zarr_vs_a_whole_nii": sps["zarr"] / sps["a_whole_nii"],
+            "zarr_vs_b_proxy_nii_gz": sps["zarr"] / sps["b_proxy_nii_gz"],
+            "zarr_vs_c_mmap_nii": sps["zarr"] / sps["c_mmap_nii"],
+            "bytes_zarr_vs_nii": nbytes["zarr"] / nbytes["nii"],
+            "bytes_zarr_vs_nii_gz": nbytes["zarr"] / nbytes["nii_gz"],
+        },
+        "bytes": nbytes,
+        "conversion": conv,
+        "targets": {"zarr_vs_a >=": 200, "zarr_vs_c >=": 0.7, "bytes_zarr_vs_nii <=": 0.45},
+    }
+    atomic_write_json(args.out, result)
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("measure", "value", title=f"data loading benchmark → {args.out}")
+    for k, v in sps.items():
+        t.add_row(f"samples/s {k}", f"{v:,.1f}")
+    for k, v in {**result["ratios"], "conversion speed-up 2 vs 1 workers": conv["speedup_2_vs_1"]}.items():
+        t.add_row(k, f"{v:.3f}")
+    Console().print(t)
+    return result
+
+
+if __name__ == "__main__":
+    main()

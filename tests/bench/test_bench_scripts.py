@@ -1,0 +1,21 @@
+"""Benchmark scripts run end to end at toy size, so that they cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_data_loading_bench_toy(tmp_path):
+    out = tmp_path / "dl.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "data_loading.py"), "--cases", "2", "--size", "64",
+                        "--depth", "12", "--samples", "20", "--whole-samples", "2", "--rounds", "1",
+                        "--work", str(tmp_path / "work"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert set(res["ratios"]) >= {"zarr_vs_a_whole_nii_gz", "zarr_vs_c_mmap_nii", "bytes_zarr_vs_nii"}
+    assert all(v > 0 for v in res["samples_per_s"].values())
+    assert res["conversion"]["speedup_2_vs_1"] > 0
