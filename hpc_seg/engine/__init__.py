@@ -1,0 +1,1 @@
+"""Training engine pieces applied from outside the model code (DeepSpeed, checkpointing)."""

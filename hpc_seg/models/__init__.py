@@ -1,0 +1,65 @@
+"""Model registry: ``build_model(name, size=..., in_channels=..., num_classes=..., **overrides)``.
+
+=============  =========================================  ===============================
+name           sizes                                      notable overrides
+=============  =========================================  ===============================
+unetpp         tiny, small, base                          filters, deep_supervision
+unet_aspp      tiny, small, base                          filters, deep_supervision, aspp_rate
+transunet      tiny, r50-vit-b16, r50-vit-l16             depth, hidden, heads, mlp, attention,
+                                                          img_size, pretrained (local file)
+=============  =========================================  ===============================
+
+Every model is a plain ``nn.Module`` returning logits; ``checkpoint_targets()`` lists the
+submodules the engine may wrap with activation checkpointing.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch.nn as nn
+
+from hpc_seg.errors import ConfigError
+from hpc_seg.models import transunet, unet_aspp, unetpp
+
+REGISTRY = {
+    "unetpp": (unetpp.build, unetpp.SIZES),
+    "unet_aspp": (unet_aspp.build, unet_aspp.SIZES),
+    "transunet": (transunet.build, transunet.SIZES),
+}
+_CLASSES = {"unetpp": unetpp.UNetPlusPlus, "unet_aspp": unet_aspp.UNetASPP, "transunet": transunet.TransUNet}
+
+
+def build_model(name: str, size: str = "tiny", in_channels: int = 1, num_classes: int = 3,
+                pretrained: str | None = None, **overrides) -> nn.Module:
+    """Build a registered model; unknown names, sizes or override keys raise ConfigError."""
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown model '{name}' (available: {', '.join(sorted(REGISTRY))})")
+    builder, sizes = REGISTRY[name]
+    if size not in sizes:
+        raise ConfigError(f"unknown size '{size}' for model '{name}' (available: {', '.join(sizes)})")
+    if in_channels < 1 or num_classes < 1:
+        raise ConfigError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
+    allowed = set(inspect.signature(_CLASSES[name].__init__).parameters) - {"self", "in_channels", "num_classes"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise ConfigError(f"model '{name}': unknown override(s) {unknown} (allowed: {', '.join(sorted(allowed))})")
+    model = builder(size, in_channels=in_channels, num_classes=num_classes, **overrides)
+    if pretrained:  # .npz (ViT naming) is TransUNet-only; state dicts work for every model
+        from hpc_seg.models.transunet_weights import load_pretrained
+
+        load_pretrained(model, pretrained)
+    return model
+
+
+def build_from_config(cfg) -> nn.Module:
+    """Build from a :class:`hpc_seg.config.Config` (model section + data-derived channels/classes)."""
+    return build_model(cfg.model.name, cfg.model.size, in_channels=cfg.data.in_channels,
+                       num_classes=cfg.data.num_classes, pretrained=cfg.model.pretrained, **cfg.model.overrides)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["REGISTRY", "build_model", "build_from_config", "count_parameters"]
