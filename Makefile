@@ -25,6 +25,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/data_loading.py
+	$(PY) bench/model_stats.py
 
 clean:
 	rm -rf outputs .pytest_cache

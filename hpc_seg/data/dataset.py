@@ -98,7 +98,8 @@ class ZarrSliceDataset(Dataset):
         lab_sel = slice(a, b) if self.cfg.mode == "3d" else z
         img, lab = image[:, a:b], label[lab_sel]
         idx = np.clip(np.arange(lo, hi), 0, depth - 1) - a  # replicate edge slices
-        img = img[:, idx]
+        if a != lo or b != hi:
+            img = img[:, idx]
         if self.cfg.mode == "3d":  # past the last slice: edge image, background label
             inside = (np.arange(lo, hi) < depth)[:, None, None]
             return img, np.where(inside, lab[np.minimum(idx, b - a - 1)], 0).astype(np.uint8)

@@ -159,12 +159,19 @@ class ChunkReader:
             self.fill = np.asarray(md.fill_value, dtype=self.dtype)
             self.blosc = numcodecs.Blosc()
 
-    def _chunk(self, coords: tuple[int, ...]) -> np.ndarray:
+    def _chunk(self, coords: tuple[int, ...], into: np.ndarray | None = None) -> np.ndarray | None:
+        """Decode one chunk; with ``into`` (a C-contiguous view of the chunk's size) decode in place."""
         path = self.dir / self.array.metadata.encode_chunk_key(coords)
         try:
             raw = path.read_bytes()
         except FileNotFoundError:  # zarr does not write chunks that equal the fill value
+            if into is not None:
+                into[...] = self.fill
+                return None
             return np.broadcast_to(self.fill, self.chunks)
+        if into is not None:
+            self.blosc.decode(raw, out=into)
+            return None
         return np.frombuffer(self.blosc.decode(raw), dtype=self.dtype).reshape(self.chunks)
 
     def _box(self, sel) -> tuple[list[int], list[int], list[int]] | None:
@@ -197,7 +204,12 @@ class ChunkReader:
             hi = [min(b, (k + 1) * c) for b, k, c in zip(stops, coords, self.chunks)]
             src = tuple(slice(l - k * c, h - k * c) for l, h, k, c in zip(lo, hi, coords, self.chunks))
             dst = tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, starts))
-            out[dst] = self._chunk(coords)[src]
+            target = out[dst]
+            whole = all(h - l == c for l, h, c in zip(lo, hi, self.chunks))
+            if whole and target.flags.c_contiguous:  # the usual case: one full slice, no extra copy
+                self._chunk(coords, into=target)
+            else:
+                target[...] = self._chunk(coords)[src]
         return out[tuple(0 if ax in squeeze else slice(None) for ax in range(out.ndim))]
 
 

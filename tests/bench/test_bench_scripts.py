@@ -19,3 +19,12 @@ def test_data_loading_bench_toy(tmp_path):
     assert set(res["ratios"]) >= {"zarr_vs_a_whole_nii_gz", "zarr_vs_c_mmap_nii", "bytes_zarr_vs_nii"}
     assert all(v > 0 for v in res["samples_per_s"].values())
     assert res["conversion"]["speedup_2_vs_1"] > 0
+
+
+def test_model_stats_bench_toy(tmp_path):
+    out = tmp_path / "m.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "model_stats.py"), "--sizes", "tiny", "--res", "64",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(row["params"] < 1_000_000 and row["gflops_64"] > 0 for row in rows)
