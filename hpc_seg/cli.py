@@ -10,6 +10,7 @@
     hpc-seg split   /scratch/lits.zarr --val 0.2 --test 0.2 --seed 0
     hpc-seg inspect /scratch/lits.zarr
     hpc-seg config  --config configs/demo.yaml --set data.size=[128,128]   # print resolved config
+    hpc-seg train   --config configs/tiny_cpu.yaml --run-dir runs/demo --resume latest
 
 Errors in the input (bad files, bad config) print one line naming the file and exit with 2;
 a conversion that had to skip bad cases exits with 1 after converting all good ones.
@@ -102,6 +103,12 @@ def cmd_demo(args) -> int:
     return run_demo(args.config, args.overrides)
 
 
+def cmd_train(args) -> int:
+    from hpc_seg.train import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-seg", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config")
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
+
+    from hpc_seg.train import build_parser as train_parser
+
+    p = train_parser(sub.add_parser("train", help="train with DeepSpeed (see hpc_seg/train.py)"))
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="end-to-end demo on the embedded default (phantom data)")
     _add_config_args(p)

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpc_seg.config.loader import apply_overrides, from_dict, read_yaml, to_dict
-from hpc_seg.config.schema import AugmentConfig, Config, DataConfig, LossConfig, ModelConfig
+from hpc_seg.config.schema import (AugmentConfig, CheckpointConfig, Config, DataConfig, DeepSpeedConfig,
+                                   LossConfig, ModelConfig, TrainConfig)
 from hpc_seg.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 __all__ = [
-    "AugmentConfig", "Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig",
+    "AugmentConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig",
+    "LossConfig", "ModelConfig", "TrainConfig",
     "CONFIG_DIR", "load_config", "resolve_config_path", "to_dict", "load_raw",
 ]
 

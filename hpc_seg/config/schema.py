@@ -113,6 +113,77 @@ class LossConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Optimisation and the training loop. ``max_steps`` counts optimizer steps (after gradient
+    accumulation); the per-rank micro-batch is ``data.batch_size``."""
+
+    max_steps: int = 200
+    seed: int = 0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["constant", "warmup_poly", "warmup_cosine"] = "warmup_cosine"
+    warmup_steps: int = 10
+    poly_power: float = 0.9
+    min_lr_ratio: float = 0.01
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0 disables
+    activation_checkpointing: bool = False
+    val_every_steps: int = 0  # 0: validate once per epoch and at the end
+    val_max_cases: Optional[int] = None
+    log_every_steps: int = 10
+    deterministic: bool = False  # torch deterministic algorithms (bit-exact resume tests on CPU)
+    max_bad_steps: int = 5  # fp32/bf16: stop after this many consecutive non-finite losses
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        if self.max_steps < 1 or self.grad_accum < 1 or self.lr <= 0:
+            raise ValueError("train.max_steps and train.grad_accum must be >= 1 and train.lr > 0")
+        if len(self.betas) != 2:
+            raise ValueError("train.betas must have two values")
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded DeepSpeed checkpoints under ``RUN_DIR/checkpoints/step<N>``."""
+
+    every_steps: int = 100  # 0: only at the end, at epoch ends and on signals
+    at_epoch_end: bool = False
+    keep_last: int = 2  # plus the best one (validation mean IoU)
+    verify: Literal["size", "sha256"] = "sha256"  # how resume checks a checkpoint's files
+
+    def validate(self) -> None:
+        if self.every_steps < 0 or self.keep_last < 1:
+            raise ValueError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed JSON is generated from these keys (``hpc-seg train --print-ds-config``)."""
+
+    zero_stage: int = 0
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    offload_optimizer: bool = False  # ZeRO-Offload (CUDA + DeepSpeedCPUAdam)
+    offload_param: bool = False  # ZeRO-3 parameter offload
+    loss_scale: float = 0.0  # fp16: 0 = dynamic loss scaling
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+    reduce_bucket_size: int = 50_000_000
+    overlap_comm: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated JSON last
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param needs zero_stage 3")
+
+
+@dataclass
 class Config:
     """Top-level config; ``name`` labels runs and reports."""
 
@@ -120,3 +191,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

@@ -1,0 +1,172 @@
+"""Sharded, atomic, verifiable checkpoints around DeepSpeed's ``save_checkpoint``.
+
+Layout under ``RUN_DIR/checkpoints``::
+
+    step00000100/                 DeepSpeed files of every rank (model/optimizer shards)
+      rank_state_00000.pt         our per-rank state: RNG states, sampler position
+      manifest.json               every file with size and sha256, step, world size, ZeRO stage
+    latest                        text: the newest complete tag (DeepSpeed reads it too)
+    best                          text: the tag with the best validation mean IoU
+
+Writing is atomic: every rank saves into ``tmp-step…``, then rank 0 renames it, writes the
+manifest and only then points ``latest`` at it. Resume verifies the manifest (sizes, or sizes
+and checksums); a damaged checkpoint is skipped with a warning and the previous good one used.
+``keep_last`` newest checkpoints are kept, plus ``best``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from hpc_seg.engine.distributed import barrier
+from hpc_seg.errors import HpcSegError
+from hpc_seg.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+TAG_RE = re.compile(r"^step(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class CheckpointError(HpcSegError):
+    pass
+
+
+class CheckpointManager:
+    """Args:
+        root: the ``checkpoints`` directory (shared by all ranks).
+        rank, world_size: this process's place.
+        keep_last: newest complete checkpoints to keep (``best`` is kept too).
+        verify: ``size`` or ``sha256``.
+    """
+
+    def __init__(self, root: str | Path, rank: int, world_size: int, keep_last: int = 2, verify: str = "sha256"):
+        self.root, self.rank, self.world_size = Path(root), rank, world_size
+        self.keep_last, self.verify_mode = keep_last, verify
+
+    # ---------------------------------------------------------------- save
+    def save(self, engine, step: int, client_state: dict, rank_state: dict, meta: dict) -> str:
+        """Collective: every rank must call it. Returns the tag written."""
+        tag, tmp = tag_for(step), f"tmp-{tag_for(step)}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.root / tmp, ignore_errors=True)
+        barrier()
+        engine.save_checkpoint(str(self.root), tag=tmp, client_state=client_state, save_latest=False)
+        buf = _to_bytes(rank_state)
+        atomic_write_bytes(self.root / tmp / f"rank_state_{self.rank:05d}.pt", buf)
+        barrier()
+        if self.rank == 0:
+            final = self.root / tag
+            if final.exists():  # the same step saved again (e.g. signal right after a periodic save)
+                shutil.rmtree(final)
+            (self.root / tmp).rename(final)
+            files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
+                     for p in sorted(final.rglob("*")) if p.is_file()}
+            atomic_write_json(final / "manifest.json", {**meta, "step": step, "tag": tag,
+                                                        "world_size": self.world_size, "files": files})
+            atomic_write_text(self.root / "latest", tag)
+            self._prune()
+        barrier()
+        return tag
+
+    def mark_best(self, tag: str) -> None:
+        if self.rank == 0:
+            atomic_write_text(self.root / "best", tag)
+
+    def _prune(self) -> None:
+        best = self._read_pointer("best")
+        tags = self.tags()
+        for tag in tags[: max(len(tags) - self.keep_last, 0)]:
+            if tag != best:
+                shutil.rmtree(self.root / tag, ignore_errors=True)
+
+    # ---------------------------------------------------------------- resume
+    def tags(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+
+    def _read_pointer(self, name: str) -> str | None:
+        try:
+            return (self.root / name).read_text().strip() or None
+        except OSError:
+            return None
+
+    def verify(self, tag: str) -> str | None:
+        """None if the checkpoint is complete and intact, else the problem."""
+        d = self.root / tag
+        try:
+            manifest = json.loads((d / "manifest.json").read_text())
+        except (OSError, ValueError) as exc:
+            return f"no readable manifest ({exc.__class__.__name__})"
+        for name, info in manifest["files"].items():
+            p = d / name
+            if not p.is_file():
+                return f"file {name} is missing"
+            if p.stat().st_size != info["size"]:
+                return f"file {name} has {p.stat().st_size} bytes, manifest says {info['size']}"
+            if self.verify_mode == "sha256" and sha256(p) != info["sha256"]:
+                return f"file {name} fails its checksum"
+        return None
+
+    def resolve(self, resume: str) -> tuple[Path, str] | None:
+        """``latest`` or a path → (root, tag) of a good checkpoint, falling back to older ones."""
+        if resume == "latest":
+            root = self.root
+            wanted = self._read_pointer("latest")
+            if wanted is None and not self.tags():
+                return None
+        else:
+            p = Path(resume)
+            if not p.exists():
+                raise CheckpointError(f"{p}: checkpoint not found")
+            if TAG_RE.match(p.name):
+                root, wanted = p.parent, p.name
+            else:
+                root, wanted = p, CheckpointManager(p, 0, 1)._read_pointer("latest")
+        other = CheckpointManager(root, self.rank, self.world_size, self.keep_last, self.verify_mode)
+        candidates = other.tags()[::-1]
+        if wanted in candidates:
+            candidates.remove(wanted)
+            candidates.insert(0, wanted)
+        for tag in candidates:
+            problem = other.verify(tag)
+            if problem is None:
+                return root, tag
+            warnings.warn(f"checkpoint {root / tag} is damaged ({problem}); trying the previous one",
+                          stacklevel=2)
+        raise CheckpointError(f"{root}: no intact checkpoint to resume from")
+
+    @staticmethod
+    def manifest(root: Path, tag: str) -> dict:
+        return json.loads((Path(root) / tag / "manifest.json").read_text())
+
+    @staticmethod
+    def load_rank_state(root: Path, tag: str, rank: int) -> dict | None:
+        p = Path(root) / tag / f"rank_state_{rank:05d}.pt"
+        return torch.load(p, map_location="cpu", weights_only=False) if p.is_file() else None
+
+
+def _to_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()

@@ -1,0 +1,41 @@
+"""Optimizer (AdamW/SGD, no weight decay on norms and biases) and LR schedules with warmup."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "position_embeddings" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, tr) -> torch.optim.Optimizer:
+    groups = param_groups(model, tr.weight_decay)
+    if tr.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas))
+    return torch.optim.SGD(groups, lr=tr.lr, momentum=tr.momentum, nesterov=True)
+
+
+def lr_factor(step: int, tr) -> float:
+    """Multiplier of ``tr.lr`` at optimizer step ``step`` (0-based)."""
+    if tr.schedule == "constant":
+        return 1.0
+    if step < tr.warmup_steps:
+        return (step + 1) / tr.warmup_steps
+    span = max(tr.max_steps - tr.warmup_steps, 1)
+    t = min((step - tr.warmup_steps) / span, 1.0)
+    if tr.schedule == "warmup_poly":
+        return max((1 - t) ** tr.poly_power, tr.min_lr_ratio)
+    return tr.min_lr_ratio + (1 - tr.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, tr) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tr))

@@ -1,0 +1,346 @@
+"""The DeepSpeed trainer: one class with small methods (setup, train_step, validate, state_dict,
+load, save, fit, close). See ``hpc_seg/train.py`` for the commands that run it.
+
+Exit codes of ``fit``: 0 finished, 75 stopped by a signal after saving a checkpoint (requeue me),
+3 stopped after ``train.max_bad_steps`` consecutive non-finite losses (last good checkpoint kept).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from hpc_seg import __version__
+from hpc_seg.config import Config, to_dict
+from hpc_seg.engine import distributed as hdist
+from hpc_seg.engine.checkpoint import CheckpointManager
+from hpc_seg.engine.ds_config import deepspeed_config
+from hpc_seg.engine.optim import build_optimizer, build_scheduler
+from hpc_seg.engine.runlog import RunLog
+from hpc_seg.engine.validation import validate
+from hpc_seg.errors import HpcSegError
+from hpc_seg.utils.atomic import atomic_write_json, atomic_write_text
+
+EXIT_OK, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 3, 75
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+class TrainingDiverged(HpcSegError):
+    pass
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Trainer:
+    """Args:
+        cfg: the resolved config.
+        run_dir: where config, metrics, checkpoints go (shared by all ranks).
+        resume: None, ``latest`` or a checkpoint path.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: str | None = None):
+        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.step = self.epoch = self.batches_in_epoch = 0
+        self.history: list[dict] = []
+        self.best: tuple[float, str] | None = None
+        self.bad_steps = 0
+        self._signal: int | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "Trainer":
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+        self.env = hdist.init_distributed()
+        self.device = hdist.device_for(self.env)
+        cfg, tr = self.cfg, self.cfg.train
+        random.seed(tr.seed)
+        np.random.seed(tr.seed)
+        torch.manual_seed(tr.seed)
+        if tr.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self._setup_data()
+        from hpc_seg.losses import build_loss
+        from hpc_seg.models import build_from_config
+
+        model = build_from_config(cfg)
+        if tr.activation_checkpointing:
+            from hpc_seg.engine.activation_checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model)
+        optimizer = build_optimizer(model, tr)
+        self.ds_config = deepspeed_config(cfg, self.env.world_size)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.env.rank, self.env.world_size,
+                                      cfg.checkpoint.keep_last, cfg.checkpoint.verify)
+        source = self._resume_source() if self.resume else None
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, tr), config=self.ds_config)
+        self.loss_fn = build_loss(cfg.loss).to(self.device)
+        self.log = RunLog(self.run_dir, self.env.is_main, tr.tensorboard)
+        self._write_run_files()
+        if source is not None:
+            self.load(*source)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def _setup_data(self) -> None:
+        from hpc_seg.data.dataset import build_loader
+        from hpc_seg.data.split import ensure_split
+        from hpc_seg.demo import prepare_data
+
+        d = self.cfg.data
+        if self.env.is_main:
+            prepare_data(self.cfg)
+            ensure_split(d.store, d.split_file, d.val_fraction, d.test_fraction, d.split_seed)
+        hdist.barrier()
+        self.split = ensure_split(d.store, d.split_file, d.val_fraction, d.test_fraction, d.split_seed)
+        self.loader, self.sampler = build_loader(d, self.split["train"], train=True, rank=self.env.rank,
+                                                 world=self.env.world_size, seed=self.cfg.train.seed)
+        if len(self.loader) == 0:
+            raise HpcSegError(f"{d.store}: training split gives no full batch of {d.batch_size} on "
+                              f"{self.env.world_size} rank(s)")
+        self.class_names = ["background", "polyp"] if d.dataset == "kvasir" else ["background", "liver", "tumour"]
+
+    def _write_run_files(self) -> None:
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            atomic_write_json(self.run_dir / "ds_config.json", self.ds_config)
+        hdist.barrier()
+        pids = self.run_dir / "pids"  # for operators (and tests) who must signal a given rank
+        pids.mkdir(exist_ok=True)
+        atomic_write_text(pids / f"rank{self.env.rank}.pid", str(os.getpid()))
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum
+
+    # ------------------------------------------------------------------ steps
+    def _to_input(self, images: torch.Tensor) -> torch.Tensor:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.cfg.deepspeed.precision, torch.float32)
+        return images.to(self.device, dtype=dtype, non_blocking=True)
+
+    def train_step(self, batch: dict) -> dict:
+        """One micro-batch: forward, loss, backward, (boundary) optimizer step."""
+        logits = self.engine(self._to_input(batch["image"]))
+        loss = self.loss_fn(logits, batch["label"].to(self.device))
+        bad = hdist.all_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0
+        if bad and self.cfg.deepspeed.precision != "fp16":  # fp16: the dynamic loss scaler skips the step
+            self.bad_steps += 1
+            if self.bad_steps >= self.cfg.train.max_bad_steps:
+                raise TrainingDiverged(f"{self.bad_steps} consecutive non-finite losses at step {self.step}; "
+                                       f"last good checkpoint kept in {self.ckpt.root}")
+            return {"loss": float("nan"), "skipped": True}
+        self.bad_steps = 0
+        self.engine.backward(loss)
+        self.engine.step()
+        return {"loss": float(loss.detach()), "skipped": False}
+
+    def validate(self) -> dict:
+        self.engine.eval()
+        cases = self.split["val"][: self.cfg.train.val_max_cases]
+
+        def forward(x):
+            return self.engine(self._to_input(x)).float().cpu()
+
+        res = validate(forward, self.cfg.data, cases, self.env.rank, self.env.world_size,
+                       self.cfg.data.batch_size, self.class_names)
+        self.engine.train()
+        summary = {"type": "val", "step": self.step, "epoch": self.epoch, "mean_iou": res["mean_iou"],
+                   "mean_iou_foreground": res["mean_iou_foreground"],
+                   **{f"dice_{n}": v for n, v in res["global_dice"].items()},
+                   **{f"iou_{n}": res["per_class"][n]["iou"] for n in self.class_names}}
+        self.history.append(summary)
+        self.log.write(summary)
+        return summary
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Client state saved beside DeepSpeed's shards (identical on every rank)."""
+        return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
+                "history": self.history, "best": self.best, "config": to_dict(self.cfg),
+                "code_version": code_version(), "world_size": self.env.world_size}
+
+    def save(self) -> str:
+        meta = {"zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.cfg.deepspeed.precision,
+                "model": self.cfg.model.name, "code_version": code_version()}
+        rank_state = {"rng": rng_state(), "rank": self.env.rank}
+        tag = self.ckpt.save(self.engine, self.step, self.state_dict(), rank_state, meta)
+        self.log.write({"type": "checkpoint", "step": self.step, "tag": tag})
+        return tag
+
+    def _resume_source(self) -> tuple[Path, str, int] | None:
+        """Find the checkpoint to resume; a ZeRO checkpoint saved at another world size is turned
+        into a DeepSpeed *universal* checkpoint (once, by rank 0) and loaded as such."""
+        found = self.ckpt.resolve(self.resume)
+        if found is None:  # --resume latest on a fresh run directory: start from scratch
+            return None
+        root, tag = found
+        manifest = CheckpointManager.manifest(root, tag)
+        saved_world = int(manifest["world_size"])
+        if saved_world == self.env.world_size or int(manifest.get("zero_stage", 0)) == 0:
+            return root, tag, saved_world
+        from hpc_seg.engine.reshard import to_universal
+
+        universal = root / "universal"
+        if self.env.is_main:
+            to_universal(root / tag, universal / tag)
+        hdist.barrier()
+        self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        return universal, tag, saved_world
+
+    def load(self, root: Path, tag: str, saved_world: int) -> None:
+        """Restore model, optimizer, scheduler, loss scaler (DeepSpeed) and our state."""
+        _, client = self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if client is None:
+            raise HpcSegError(f"{root / tag}: DeepSpeed could not load this checkpoint")
+        self.step, self.epoch = client["step"], client["epoch"]
+        self.history = client["history"]
+        self.best = tuple(client["best"]) if client["best"] else None
+        # the same global sample count, spread over the new number of ranks
+        self.batches_in_epoch = client["batches_in_epoch"] * saved_world // self.env.world_size
+        rank_state = CheckpointManager.load_rank_state(root, tag, self.env.rank)
+        if rank_state is not None and saved_world == self.env.world_size:
+            set_rng_state(rank_state["rng"])
+        self.log.write({"type": "resume", "step": self.step, "from": str(root / tag),
+                        "saved_world_size": saved_world, "world_size": self.env.world_size})
+
+    # ------------------------------------------------------------------ loop
+    def _after_optimizer_step(self, losses: list[float], t0: float, samples: int) -> int | None:
+        """Logging, validation, checkpoints and signals at an optimizer-step boundary."""
+        tr, ck = self.cfg.train, self.cfg.checkpoint
+        if self.step % tr.log_every_steps == 0 or self.step == tr.max_steps:
+            rec = {"type": "train", "step": self.step, "epoch": self.epoch,
+                   "loss": float(np.mean(losses)) if losses else None,
+                   "lr": self.scheduler.get_last_lr()[0],
+                   "samples_per_s": samples * self.env.world_size / max(time.perf_counter() - t0, 1e-9),
+                   "skipped_steps": int(getattr(self.engine, "skipped_steps", 0))}
+            if self.cfg.deepspeed.precision == "fp16":
+                rec["loss_scale"] = float(self.engine.optimizer.cur_scale)
+            self.log.write(rec)
+            self.log.advance(self.step, f"loss {rec['loss'] if rec['loss'] is not None else float('nan'):.4f}")
+            losses.clear()
+        saved = False
+        if tr.val_every_steps and self.step % tr.val_every_steps == 0:
+            saved = self._validate_and_track()
+        if ck.every_steps and self.step % ck.every_steps == 0 and not saved:
+            self.save()
+            saved = True
+        if hdist.all_max(1.0 if self._signal is not None else 0.0) > 0:
+            if not saved:
+                self.save()
+            self.log.write({"type": "stop", "step": self.step, "reason": "signal"})
+            return EXIT_PREEMPTED
+        return None
+
+    def _validate_and_track(self) -> bool:
+        """Validate; on a new best mean IoU save a checkpoint and mark it best. True if saved."""
+        if not self.split["val"]:
+            return False
+        res = self.validate()
+        miou = res["mean_iou"]
+        if miou is None or (self.best is not None and miou <= self.best[0]):
+            return False
+        from hpc_seg.engine.checkpoint import tag_for
+
+        self.best = (miou, tag_for(self.step))
+        tag = self.save()
+        self.ckpt.mark_best(tag)
+        return True
+
+    def _end_of_epoch(self) -> None:
+        self.epoch += 1
+        self.batches_in_epoch = 0
+        if self.cfg.train.val_every_steps == 0:
+            self._validate_and_track()
+        elif self.cfg.checkpoint.at_epoch_end:
+            self.save()
+
+    def fit(self) -> int:
+        """Train until ``train.max_steps``; returns the exit code (see module docstring)."""
+        tr = self.cfg.train
+        self.engine.train()
+        self.log.start_progress(tr.max_steps, self.step)
+        t0, samples, losses = time.perf_counter(), 0, []
+        try:
+            while self.step < tr.max_steps:
+                self.sampler.set_epoch(self.epoch)
+                self.sampler.skip(self.batches_in_epoch * self.cfg.data.batch_size)
+                self.loader.generator = torch.Generator().manual_seed(tr.seed * 1000 + self.epoch)
+                for batch in self.loader:
+                    out = self.train_step(batch)
+                    self.batches_in_epoch += 1
+                    samples += batch["image"].shape[0]
+                    if not out["skipped"]:
+                        losses.append(out["loss"])
+                    if self.engine.global_steps > self.step:
+                        self.step = self.engine.global_steps
+                        code = self._after_optimizer_step(losses, t0, samples)
+                        if code is not None:
+                            return code
+                        if self.step >= tr.max_steps:
+                            break
+                else:
+                    self._end_of_epoch()
+            return self._finish()
+        except TrainingDiverged as exc:
+            self.log.write({"type": "stop", "step": self.step, "reason": str(exc)})
+            if self.env.is_main:
+                print(f"hpc-seg train: error: {exc}", flush=True)
+            return EXIT_DIVERGED
+        finally:
+            self.log.close()
+
+    def _finish(self) -> int:
+        last = self.history[-1]["step"] if self.history else -1
+        if last != self.step:
+            self._validate_and_track()
+        if self.ckpt.verify(f"step{self.step:08d}") is not None or not (self.ckpt.root / f"step{self.step:08d}").exists():
+            self.save()
+        if self.env.is_main:
+            atomic_write_json(self.run_dir / "final.json", {
+                "step": self.step, "epoch": self.epoch, "best": self.best,
+                "last_validation": self.history[-1] if self.history else None,
+                "world_size": self.env.world_size, "code_version": code_version()})
+        return EXIT_OK
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            hdist.barrier()
+            dist.destroy_process_group()

@@ -1,0 +1,72 @@
+"""Training entry point (DeepSpeed).
+
+Commands::
+
+    # 1 process (CPU or one GPU)
+    hpc-seg train --config configs/tiny_cpu.yaml --run-dir runs/demo --set train.max_steps=40
+    # several processes / nodes (torchrun sets RANK/WORLD_SIZE/MASTER_ADDR)
+    torchrun --nnodes 2 --nproc_per_node 4 -m hpc_seg.train --config configs/transunet_12l.yaml
+    # CPU, 2 ranks
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m hpc_seg.train --config configs/tiny_cpu.yaml
+    # continue exactly where a run stopped
+    hpc-seg train --config … --run-dir runs/x --resume latest
+    # SLURM: srun starts one task per GPU; ranks come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
+    srun python -m hpc_seg.train --config configs/transunet_12l.yaml --run-dir $RUN
+    # show the generated DeepSpeed JSON
+    hpc-seg train --config configs/transunet_12l.yaml --print-ds-config
+
+Exit status: 0 done, 2 bad config/input, 3 diverged (non-finite losses), 75 stopped by
+SIGUSR1/SIGUSR2/SIGTERM after saving a checkpoint on all ranks (requeue and ``--resume latest``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hpc_seg.errors import HpcSegError
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="hpc-seg train", description="DeepSpeed training")
+    p.add_argument("--config", default=None, help="YAML config (path or name inside configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--run-dir", default=None, help="default: runs/<config name>")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    p.add_argument("--print-ds-config", action="store_true", help="print the DeepSpeed JSON and exit")
+    return p
+
+
+def run(args) -> int:
+    from hpc_seg.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors surface before anything starts
+    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    if args.print_ds_config:
+        from hpc_seg.engine.distributed import detect_env
+        from hpc_seg.engine.ds_config import deepspeed_config
+
+        print(json.dumps(deepspeed_config(cfg, detect_env().world_size), indent=2))
+        return 0
+    from hpc_seg.engine.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir, resume=args.resume).setup()
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except HpcSegError as exc:
+        print(f"hpc-seg train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
