@@ -12,6 +12,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,7 @@ import yaml
 from hpc_seg.errors import ConfigError
 
 _MISSING = dataclasses.MISSING
+_SCI_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def _type_name(tp: Any) -> str:
@@ -66,6 +68,8 @@ def _check_value(tp: Any, value: Any, key: str, source: str) -> Any:
         _, val_tp = get_args(tp) or (str, Any)
         return {str(k): _check_value(val_tp, v, f"{key}.{k}", source) for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _SCI_FLOAT.match(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: key '{key}' has value {value!r}, expected float")
         return float(value)

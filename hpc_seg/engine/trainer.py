@@ -63,6 +63,31 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def check_precision_supported(precision: str) -> None:
+    """Fail early, with the reason, when the DeepSpeed accelerator cannot run ``precision``."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    if dtype is not None and dtype not in acc.supported_dtypes():
+        hint = (" (DeepSpeed's CPU accelerator needs oneDNN fp16 support, i.e. AVX512-FP16/AMX)"
+                if acc.device_name() == "cpu" else "")
+        raise HpcSegError(f"deepspeed.precision={precision} is not supported on this {acc.device_name()} "
+                          f"device{hint}; use bf16 or fp32")
+
+
+def match_buffer_dtypes(module: torch.nn.Module) -> None:
+    """DeepSpeed bf16 casts parameters but not buffers; CPU batch-norm kernels need both in one
+    dtype (CUDA accepts the mix), so float buffers follow their module's parameters there."""
+    for m in module.modules():
+        p = next(m.parameters(recurse=False), None)
+        if p is None:
+            continue
+        for name, buf in m.named_buffers(recurse=False):
+            if buf is not None and buf.is_floating_point() and buf.dtype != p.dtype:
+                setattr(m, name, buf.to(p.dtype))
+
+
 class Trainer:
     """Args:
         cfg: the resolved config.
@@ -101,6 +126,7 @@ class Trainer:
             from hpc_seg.engine.activation_checkpointing import apply_activation_checkpointing
 
             apply_activation_checkpointing(model)
+        check_precision_supported(cfg.deepspeed.precision)
         optimizer = build_optimizer(model, tr)
         self.ds_config = deepspeed_config(cfg, self.env.world_size)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.env.rank, self.env.world_size,
@@ -108,6 +134,8 @@ class Trainer:
         source = self._resume_source() if self.resume else None
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, tr), config=self.ds_config)
+        if self.device.type == "cpu":
+            match_buffer_dtypes(self.engine.module)
         self.loss_fn = build_loss(cfg.loss).to(self.device)
         self.log = RunLog(self.run_dir, self.env.is_main, tr.tensorboard)
         self._write_run_files()
@@ -250,7 +278,7 @@ class Trainer:
                    "samples_per_s": samples * self.env.world_size / max(time.perf_counter() - t0, 1e-9),
                    "skipped_steps": int(getattr(self.engine, "skipped_steps", 0))}
             if self.cfg.deepspeed.precision == "fp16":
-                rec["loss_scale"] = float(self.engine.optimizer.cur_scale)
+                rec["loss_scale"] = float(self.engine.optimizer.loss_scale)
             self.log.write(rec)
             self.log.advance(self.step, f"loss {rec['loss'] if rec['loss'] is not None else float('nan'):.4f}")
             losses.clear()

@@ -86,3 +86,10 @@ def test_missing_and_invalid_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "x.yaml", "data: [unclosed\n"))
+
+
+def test_yaml11_scientific_floats_accepted(tmp_path):
+    cfg = load_config(write(tmp_path, "lr.yaml", "train:\n  lr: 1e-4\n"), ["train.weight_decay=5E-2"])
+    assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 0.05
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr=fast"])
