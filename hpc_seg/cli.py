@@ -11,6 +11,7 @@
     hpc-seg inspect /scratch/lits.zarr
     hpc-seg config  --config configs/demo.yaml --set data.size=[128,128]   # print resolved config
     hpc-seg train   --config configs/tiny_cpu.yaml --run-dir runs/demo --resume latest
+    hpc-seg status  runs/demo
 
 Errors in the input (bad files, bad config) print one line naming the file and exit with 2;
 a conversion that had to skip bad cases exits with 1 after converting all good ones.
@@ -109,6 +110,12 @@ def cmd_train(args) -> int:
     return run(args)
 
 
+def cmd_status(args) -> int:
+    from hpc_seg.jobs.status import print_status
+
+    return print_status(args.run_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-seg", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = train_parser(sub.add_parser("train", help="train with DeepSpeed (see hpc_seg/train.py)"))
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("status", help="jobs, steps, last checkpoint and metrics of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="end-to-end demo on the embedded default (phantom data)")
     _add_config_args(p)

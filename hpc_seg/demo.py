@@ -28,7 +28,7 @@ def prepare_data(cfg, workers: int = 2, log=print) -> None:
         return
     source, dataset = cfg.data.source, cfg.data.dataset
     if source is None:
-        if dataset not in ("phantom", "lits"):
+        if dataset != "phantom":
             raise FileNotFoundError(f"{store}: no store and no data.source to convert")
         source = store.parent / "phantom-nifti"
         log(f"generating a synthetic CT phantom in {source}")

@@ -7,6 +7,7 @@ A YAML file may start with ``base: other.yaml`` (path relative to the file, or a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -184,6 +185,50 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """The cluster request (``launch/submit.py``); site defaults come from ``slurm/site.yaml``.
+
+    One task per GPU: ``tasks_per_node`` equals ``gpus_per_node`` on GPU partitions.
+    """
+
+    partition: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int = 2
+    mem: Optional[str] = None  # e.g. "64G"
+    time: str = "01:00:00"  # [D-]HH:MM:SS
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    setup: list[str] = field(default_factory=list)  # shell lines run before srun (modules, venv)
+    extra: dict[str, Any] = field(default_factory=dict)  # further sbatch options, e.g. {reservation: x}
+    max_requeues: int = 3  # preemptions/timeouts survived before the job gives up
+    signal_delay_s: int = 90  # USR2 this many seconds before the time limit
+    array_parallelism: int = 32
+    node_local_paths: list[str] = field(default_factory=lambda: ["/tmp", "/dev/shm", "/var/tmp"])
+
+    def validate(self) -> None:
+        if self.nodes < 1 or self.tasks_per_node < 1 or self.cpus_per_task < 1 or self.gpus_per_node < 0:
+            raise ValueError("slurm.nodes, tasks_per_node, cpus_per_task must be >= 1, gpus_per_node >= 0")
+        if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
+            raise ValueError(f"slurm.tasks_per_node ({self.tasks_per_node}) must equal slurm.gpus_per_node "
+                             f"({self.gpus_per_node}): one task per GPU")
+        if not re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", self.time):
+            raise ValueError(f"slurm.time must look like HH:MM:SS or D-HH:MM:SS, got {self.time!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    @property
+    def timeout_min(self) -> int:
+        days, _, hms = self.time.rpartition("-")
+        h, m, sec = (int(v) for v in hms.split(":"))
+        return (int(days or 0) * 24 + h) * 60 + m + (1 if sec else 0)
+
+
+@dataclass
 class Config:
     """Top-level config; ``name`` labels runs and reports."""
 
@@ -194,3 +239,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)

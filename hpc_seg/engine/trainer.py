@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
 import warnings
@@ -141,8 +142,7 @@ class Trainer:
         self._write_run_files()
         if source is not None:
             self.load(*source)
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._on_signal)
+        self.previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         return self
 
     def _setup_data(self) -> None:
@@ -169,12 +169,20 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             atomic_write_json(self.run_dir / "ds_config.json", self.ds_config)
         hdist.barrier()
-        pids = self.run_dir / "pids"  # for operators (and tests) who must signal a given rank
-        pids.mkdir(exist_ok=True)
-        atomic_write_text(pids / f"rank{self.env.rank}.pid", str(os.getpid()))
+        ranks = self.run_dir / "ranks"  # for operators (and tests) who must find or signal a rank
+        ranks.mkdir(exist_ok=True)
+        atomic_write_json(ranks / f"rank{self.env.rank}.json", {
+            "pid": os.getpid(), "host": socket.gethostname(), "rank": self.env.rank,
+            "world_size": self.env.world_size, "slurm_node": os.environ.get("SLURMD_NODENAME"),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")})
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum
+
+    @property
+    def stop_signal(self) -> int | None:
+        return self._signal
 
     # ------------------------------------------------------------------ steps
     def _to_input(self, images: torch.Tensor) -> torch.Tensor:

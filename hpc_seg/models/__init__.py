@@ -30,20 +30,26 @@ REGISTRY = {
 _CLASSES = {"unetpp": unetpp.UNetPlusPlus, "unet_aspp": unet_aspp.UNetASPP, "transunet": transunet.TransUNet}
 
 
-def build_model(name: str, size: str = "tiny", in_channels: int = 1, num_classes: int = 3,
-                pretrained: str | None = None, **overrides) -> nn.Module:
-    """Build a registered model; unknown names, sizes or override keys raise ConfigError."""
+def check_model_args(name: str, size: str, overrides: dict) -> None:
+    """Raise ConfigError for an unknown name, size or override key (nothing is built)."""
     if name not in REGISTRY:
         raise ConfigError(f"unknown model '{name}' (available: {', '.join(sorted(REGISTRY))})")
-    builder, sizes = REGISTRY[name]
+    _, sizes = REGISTRY[name]
     if size not in sizes:
         raise ConfigError(f"unknown size '{size}' for model '{name}' (available: {', '.join(sizes)})")
-    if in_channels < 1 or num_classes < 1:
-        raise ConfigError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
     allowed = set(inspect.signature(_CLASSES[name].__init__).parameters) - {"self", "in_channels", "num_classes"}
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise ConfigError(f"model '{name}': unknown override(s) {unknown} (allowed: {', '.join(sorted(allowed))})")
+
+
+def build_model(name: str, size: str = "tiny", in_channels: int = 1, num_classes: int = 3,
+                pretrained: str | None = None, **overrides) -> nn.Module:
+    """Build a registered model; unknown names, sizes or override keys raise ConfigError."""
+    check_model_args(name, size, overrides)
+    if in_channels < 1 or num_classes < 1:
+        raise ConfigError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
+    builder, _ = REGISTRY[name]
     model = builder(size, in_channels=in_channels, num_classes=num_classes, **overrides)
     if pretrained:  # .npz (ViT naming) is TransUNet-only; state dicts work for every model
         from hpc_seg.models.transunet_weights import load_pretrained
@@ -62,4 +68,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["REGISTRY", "build_model", "build_from_config", "count_parameters"]
+__all__ = ["REGISTRY", "build_model", "check_model_args", "build_from_config", "count_parameters"]

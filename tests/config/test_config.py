@@ -14,8 +14,15 @@ def write(tmp_path, name, text):
 def test_defaults_and_shipped_configs_load():
     cfg = load_config()
     assert cfg.loss.dice_weight == 0.3 and cfg.loss.ce_weight == 0.7
+    from hpc_seg.jobs.grid import expand, is_grid, load_grid
+
     for path in CONFIG_DIR.rglob("*.yaml"):
-        load_config(path)
+        if is_grid(path):
+            name, base, axes = load_grid(path)
+            for _, overrides in expand(axes):
+                load_config(base, overrides)
+        else:
+            load_config(path)
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

@@ -1,6 +1,7 @@
 """Preemption-safe checkpoints: kill -9 and resume is bit-identical; other world sizes; signals;
 damaged checkpoints; non-finite losses."""
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -29,7 +30,7 @@ def test_kill9_then_resume_is_bit_identical(tmp_path, store):
     run = tmp_path / "killed"
     proc = start_train(run, store, EXACT)
     assert wait_for(lambda: latest_step(run) >= 5 or proc.poll() is not None), "no checkpoint appeared"
-    pid = int((run / "pids" / "rank1.pid").read_text())
+    pid = json.loads((run / "ranks" / "rank1.json").read_text())["pid"]
     os.kill(pid, signal.SIGKILL)  # a rank dies mid-run
     proc.wait(timeout=120)
     assert proc.returncode != 0, "the run finished before it could be killed"
@@ -71,7 +72,7 @@ def test_signal_to_rank0_saves_all_shards_and_exits_75(tmp_path, store):
     proc = start_train(run, store, ["deepspeed.zero_stage=2", "train.max_steps=100000", "checkpoint.every_steps=0",
                                     "train.val_every_steps=0"])
     assert wait_for(lambda: len(records(run, "train")) >= 3 or proc.poll() is not None)
-    os.kill(int((run / "pids" / "rank0.pid").read_text()), signal.SIGUSR2)  # as SLURM/submitit would
+    os.kill(json.loads((run / "ranks" / "rank0.json").read_text())["pid"], signal.SIGUSR2)  # as SLURM would
     out, _ = proc.communicate(timeout=120)
     stop = records(run, "stop")
     assert stop and stop[-1]["reason"] == "signal", out[-3000:]

@@ -1,0 +1,1 @@
+"""Launching on SLURM with submitit: the checkpointable training job, grids, request checks."""

@@ -1,0 +1,58 @@
+"""The job submitit runs on every task: rendezvous from SLURM, then the DeepSpeed trainer.
+
+Preemption: SLURM (``--signal=USR2@90``) or ``scancel --signal=USR2`` signals the tasks; the
+trainer's handler finishes the step and saves a checkpoint on **all** ranks, then rank 0 hands the
+signal to submitit's own handler, which calls ``checkpoint()`` (requeue, at most
+``max_requeues`` times) and exits; the requeued job resumes from ``latest`` automatically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import submitit
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """Args:
+        config: the resolved config as a plain dict (validated again on the node).
+        run_dir: the run directory on shared storage.
+        max_requeues: how many preemptions/timeouts are survived.
+    """
+
+    def __init__(self, config: dict, run_dir: str, max_requeues: int = 3, requeues: int = 0):
+        self.config, self.run_dir, self.max_requeues, self.requeues = config, run_dir, max_requeues, requeues
+
+    def __call__(self) -> dict:
+        from hpc_seg.config import Config
+        from hpc_seg.config.loader import from_dict
+        from hpc_seg.engine.trainer import EXIT_OK, EXIT_PREEMPTED, Trainer
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1 or "SLURM_JOB_ID" in os.environ:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        cfg = from_dict(Config, self.config, source=f"{self.run_dir}/config (submitted)")
+        trainer = Trainer(cfg, self.run_dir, resume="latest").setup()
+        try:
+            code = trainer.fit()
+        finally:
+            trainer.close()
+        if code == EXIT_PREEMPTED:
+            sig = trainer.stop_signal or signal.SIGUSR2  # rank 0 may not have been signalled itself
+            previous = trainer.previous_handlers.get(sig)
+            if env.global_rank == 0 and callable(previous):
+                previous(sig, None)  # submitit: checkpoint() → requeue → exit
+            return {"status": "preempted", "step": trainer.step}
+        if code != EXIT_OK:
+            raise RuntimeError(f"training in {self.run_dir} stopped with exit code {code}")
+        return json.loads((Path(self.run_dir) / "final.json").read_text())
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit on rank 0 at preemption/timeout: requeue unless the cap is reached."""
+        if self.requeues >= self.max_requeues:
+            return None  # submitit then marks the job as not requeued
+        return submitit.helpers.DelayedSubmission(
+            TrainJob(self.config, self.run_dir, self.max_requeues, self.requeues + 1))

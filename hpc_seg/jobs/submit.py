@@ -1,0 +1,121 @@
+"""Building the submitit executor from the ``slurm:`` config section (over the site profile),
+checking the request before anything is queued, rendering the sbatch script, submitting."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+import yaml
+
+from hpc_seg.config import Config, load_raw, resolve_config_path, to_dict
+from hpc_seg.config.loader import apply_overrides, from_dict, read_yaml
+from hpc_seg.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SITE = ROOT / "slurm" / "site.yaml"
+
+
+@dataclass
+class Planned:
+    name: str
+    cfg: Config
+    run_dir: Path
+
+
+def load_launch_config(config: str | Path, overrides: list[str], site: str | Path | None) -> Config:
+    """Config = site profile's ``slurm:`` defaults ← the config file ← ``--set`` overrides."""
+    path = resolve_config_path(config)
+    raw = load_raw(path)
+    site_path = Path(site) if site else DEFAULT_SITE
+    site_raw = read_yaml(site_path) if site_path.is_file() else {}
+    unknown = set(site_raw) - {"slurm"}
+    if unknown:
+        raise ConfigError(f"{site_path}: a site profile holds only a 'slurm' section (found {sorted(unknown)})")
+    raw["slurm"] = {**(site_raw.get("slurm") or {}), **(raw.get("slurm") or {})}
+    return from_dict(Config, apply_overrides(raw, overrides), source=str(path))
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Jobs may start in another directory: make data/model paths absolute at submission."""
+    d = cfg.data
+    d.store = str(Path(d.store).resolve())
+    d.source = str(Path(d.source).resolve()) if d.source else None
+    d.split_file = str(Path(d.split_file).resolve()) if d.split_file else None
+    if cfg.model.pretrained:
+        cfg.model.pretrained = str(Path(cfg.model.pretrained).resolve())
+    return cfg
+
+
+def _under(path: Path, prefixes: list[str]) -> str | None:
+    resolved = str(path.resolve())
+    return next((p for p in prefixes if resolved == p or resolved.startswith(p.rstrip("/") + "/")), None)
+
+
+def validate_request(cfg: Config, run_dir: Path) -> list[str]:
+    """Problems that would make the job fail on the cluster; empty when the request is sound."""
+    from hpc_seg.models import check_model_args
+
+    problems, s, d = [], cfg.slurm, cfg.data
+    try:
+        check_model_args(cfg.model.name, cfg.model.size, cfg.model.overrides)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    store, source = Path(d.store), Path(d.source) if d.source else None
+    if not (store / "index.json").is_file():
+        if source is not None and not source.exists():
+            problems.append(f"data.store {store} is not a converted store and data.source {source} does not exist")
+        elif source is None and d.dataset != "phantom":
+            problems.append(f"data.store {store} does not exist (run 'hpc-seg convert' first)")
+    if s.nodes > 1:
+        for what, p in (("run directory", run_dir), ("data.store", store)):
+            local = _under(p, s.node_local_paths)
+            if local:
+                problems.append(f"{what} {p} is on node-local storage ({local}); {s.nodes} nodes need a shared path")
+    if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
+        problems.append(f"model.pretrained {cfg.model.pretrained} does not exist")
+    if s.gpus_per_node == 0 and cfg.deepspeed.precision == "fp16":
+        problems.append("deepspeed.precision fp16 on a CPU-only request: use bf16 or fp32, or ask for GPUs")
+    if s.timeout_min * 60 <= s.signal_delay_s:
+        problems.append(f"slurm.time {s.time} leaves no time before the USR2 signal ({s.signal_delay_s}s)")
+    return problems
+
+
+def executor_parameters(cfg: Config) -> dict:
+    """submitit parameters (AutoExecutor naming) from the ``slurm`` section."""
+    s = cfg.slurm
+    params = {"name": cfg.name, "nodes": s.nodes, "tasks_per_node": s.tasks_per_node,
+              "cpus_per_task": s.cpus_per_task, "timeout_min": s.timeout_min,
+              "slurm_signal_delay_s": s.signal_delay_s, "slurm_array_parallelism": s.array_parallelism,
+              "slurm_setup": list(s.setup), "slurm_additional_parameters": dict(s.extra)}
+    if s.gpus_per_node:
+        params["gpus_per_node"] = s.gpus_per_node
+    for key in ("partition", "mem", "account", "qos", "constraint"):
+        if getattr(s, key):
+            params[f"slurm_{key}"] = getattr(s, key)
+    return params
+
+
+def make_executor(cfg: Config, folder: Path, local: bool) -> submitit.AutoExecutor:
+    cluster = "local" if local or shutil.which("sbatch") is None else "slurm"
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params = executor_parameters(cfg)
+    if cluster == "local":
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+        params.pop("nodes", None)
+    ex.update_parameters(**params)
+    return ex
+
+
+def sbatch_script(cfg: Config, folder: Path) -> str:
+    """The sbatch script submitit would submit for ``cfg`` (for --dry-run and golden tests)."""
+    ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+    ex.update_parameters(**executor_parameters(cfg))
+    inner = ex._executor  # submitit's SlurmExecutor renders the script it would sbatch
+    return inner._make_submission_file_text(inner._submitit_command_str, "DRYRUN")
+
+
+def resolved_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
