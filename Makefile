@@ -1,6 +1,6 @@
 # hpc-seg: the two commands of the README.
 #   make demo   set up .venv (CPU torch first) and run the embedded end-to-end default
-#   make test   set up .venv, start what the tests need, run the whole test suite
+#   make test   set up .venv, start the local SLURM cluster (slurm/local_cluster.sh), run all tests
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -21,11 +21,13 @@ demo: setup
 	$(VENV)/bin/hpc-seg demo
 
 test: setup
+	bash slurm/local_cluster.sh start
 	$(PY) -m pytest -q tests
 
 bench: setup
 	$(PY) bench/data_loading.py
 	$(PY) bench/model_stats.py
+	$(PY) bench/engine.py
 
 clean:
 	rm -rf outputs .pytest_cache

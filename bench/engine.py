@@ -151,15 +151,14 @@ def step_time(steps: int, batch: int, size: int) -> dict:
             "batch": batch, "size": size, "model": "unet_aspp/tiny"}
 
 
-def scaling(steps: int) -> dict:
+def scaling(steps: int, store: Path) -> dict:
     """samples/s of ``hpc-seg train`` (tiny model, phantom) at 1 and 2 ranks."""
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        store = ROOT / "outputs" / "phantom" / "phantom.zarr"
         for n in (1, 2):
             run = Path(tmp) / f"n{n}"
             sets = [f"train.max_steps={steps}", "train.val_every_steps=0", "checkpoint.every_steps=0",
-                    "train.log_every_steps=5", "data.num_workers=0", f"data.store={store}"]
+                    "train.log_every_steps=6", "data.num_workers=0", f"data.store={store}", "data.size=[64,64]"]
             args = ["--config", "tiny_cpu.yaml", "--run-dir", str(run)] + [a for s in sets for a in ("--set", s)]
             bin_dir = Path(sys.executable).parent
             cmd = ([str(bin_dir / "hpc-seg"), "train"] if n == 1 else
@@ -177,12 +176,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine.json"))
     ap.add_argument("--quick", action="store_true", help="few steps (tests)")
+    ap.add_argument("--store", default=str(ROOT / "outputs" / "phantom" / "phantom.zarr"),
+                    help="phantom store for the scaling runs (created if absent)")
     ap.add_argument("--model-states-worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.model_states_worker is not None:
         return model_states_worker(args.model_states_worker, args.out)
     result = {"model_states_bf16_adam_2_ranks": model_states(2),
-              "scaling": scaling(12 if args.quick else 60),
+              "scaling": scaling(12 if args.quick else 60, Path(args.store)),
               "step_time_1_rank": step_time(3 if args.quick else 30, 8, 64)}
     atomic_write_json(args.out, result)
     ms = result["model_states_bf16_adam_2_ranks"]

@@ -5,6 +5,9 @@
 2. Split by case (seeded, checked for leakage).
 3. One streamed epoch of the training loader (2.5D stacks, oversampling, augmentation),
    with a rich progress bar and a summary table.
+4. The main job: DeepSpeed training of a tiny UNet_ASPP, launched through submitit
+   (``launch/submit.py --local``: submitit's local executor, no SLURM needed), with validation
+   and checkpoints in ``<store's folder>/runs/demo`` (default ``outputs/demo/runs/demo``).
 """
 
 from __future__ import annotations
@@ -62,4 +65,28 @@ def run_demo(config: str, overrides: list[str]) -> int:
     table.add_row("batch", f"image {tuple(batch['image'].shape)}, label {tuple(batch['label'].shape)}")
     table.add_row("label fractions", ", ".join(f"{v:.3f}" for v in (fg / fg.sum()).tolist()))
     console.print(table)
+    return launch_training(config, overrides, console)
+
+
+def launch_training(config: str, overrides: list[str], console) -> int:
+    """Run the demo's training job through submitit's local executor and show its result."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(config, overrides)
+    runs = Path(cfg.data.store).parent / "runs"
+    cmd = [sys.executable, str(root / "launch" / "submit.py"), "--config", config, "--local", "--wait",
+           "--run-root", str(runs)]
+    for o in overrides:
+        cmd += ["--set", o]
+    console.print("[bold]training[/] (DeepSpeed via submitit's local executor): " + " ".join(cmd[1:]))
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        return r.returncode
+    final = json.loads((runs / cfg.name / "final.json").read_text())
+    val = final.get("last_validation") or {}
+    console.print(f"done: step {final['step']}, validation mean IoU {val.get('mean_iou')}, "
+                  f"liver Dice {val.get('dice_liver')} → {runs / cfg.name} (hpc-seg status {runs / cfg.name})")
     return 0

@@ -76,6 +76,9 @@ CONF
 running() { pgrep -f "$1" >/dev/null 2>&1; }
 
 start() {
+  if command -v sinfo >/dev/null && [ "$(sinfo -h -N -o '%T' 2>/dev/null | grep -cE 'idle|mixed|allocated')" = 2 ]; then
+    echo "local SLURM cluster already up"; return 0
+  fi
   need_root; install; configure
   running "/usr/sbin/munged" || runuser -u munge -- /usr/sbin/munged
   running "slurmctld" || slurmctld

@@ -19,6 +19,8 @@ def test_demo_end_to_end(tmp_path):
     r = run("demo", "--set", f"data.store={store}", "--set", "data.size=[64,64]")
     assert r.returncode == 0, r.stderr
     assert "samples streamed" in r.stdout and (store / "index.json").is_file()
+    final = store.parent / "runs" / "demo" / "final.json"  # the main job ran (submitit local executor)
+    assert final.is_file() and "validation mean IoU" in r.stdout
     assert (store / "split-seed0.json").is_file()
     r = run("inspect", str(store))
     assert r.returncode == 0 and "lits_0007" in r.stdout

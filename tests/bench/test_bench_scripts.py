@@ -28,3 +28,17 @@ def test_model_stats_bench_toy(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 and all(row["params"] < 1_000_000 and row["gflops_64"] > 0 for row in rows)
+
+
+def test_engine_bench_quick(tmp_path, phantom_store):
+    out = tmp_path / "e.json"
+    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu"}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "engine.py"), "--quick", "--out", str(out),
+                        "--store", str(phantom_store)], capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    ms = res["model_states_bf16_adam_2_ranks"]
+    assert set(ms) == {"zero0", "zero1", "zero2", "zero3"}
+    for k in ("zero0", "zero2", "zero3"):  # DeepSpeed matches the ZeRO paper's accounting
+        assert abs(ms[k]["ratio_measured_vs_formula"] - 1) < 0.05, (k, ms[k])
+    assert res["step_time_1_rank"]["ratio_deepspeed_vs_pytorch"] > 0 and res["scaling"]["speedup_2_vs_1"] > 0

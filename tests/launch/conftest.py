@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.engine.conftest import records, wait_for  # noqa: F401  (shared helpers)
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE = ROOT / "slurm" / "site.local.yaml"
@@ -38,16 +38,3 @@ def tiny_sets(store: Path, steps: int = 6) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
-def records(run: Path, kind: str | None = None) -> list[dict]:
-    p = run / "metrics.jsonl"
-    rows = [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
-    return [r for r in rows if kind is None or r["type"] == kind]
-
-
-def wait_for(pred, timeout=600, poll=0.5) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return True
-        time.sleep(poll)
-    return False
