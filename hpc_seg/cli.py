@@ -12,6 +12,10 @@
     hpc-seg config  --config configs/demo.yaml --set data.size=[128,128]   # print resolved config
     hpc-seg train   --config configs/tiny_cpu.yaml --run-dir runs/demo --resume latest
     hpc-seg status  runs/demo
+    hpc-seg export  runs/demo --out model.safetensors
+    hpc-seg evaluate runs/demo --data outputs/phantom/phantom.zarr --split test --out eval/demo
+    hpc-seg predict model.safetensors ct.nii.gz --out pred.nii.gz
+    hpc-seg compare eval/a eval/b --out report/
 
 Errors in the input (bad files, bad config) print one line naming the file and exit with 2;
 a conversion that had to skip bad cases exits with 1 after converting all good ones.
@@ -116,6 +120,39 @@ def cmd_status(args) -> int:
     return print_status(args.run_dir)
 
 
+def cmd_export(args) -> int:
+    from hpc_seg.eval.model_io import export
+
+    path = export(args.run_dir, args.out, args.tag)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from hpc_seg.eval.evaluate import evaluate, print_summary
+
+    res = evaluate(args.model, args.data, args.split, args.out, args.tag, args.tta, args.postprocess,
+                   args.limit, args.cpu)
+    print_summary(res)
+    print(f"wrote {args.out}/metrics.json, per_case.csv and figures")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from hpc_seg.eval.predict import predict_file
+
+    path = predict_file(args.model, args.image, args.out, args.tta, args.postprocess, args.probs, args.cpu)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from hpc_seg.eval.report import compare
+
+    print(f"wrote {compare(args.evals, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-seg", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +194,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = train_parser(sub.add_parser("train", help="train with DeepSpeed (see hpc_seg/train.py)"))
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="consolidate sharded checkpoints into one fp32 .safetensors")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tag", default="best", help="best (default, else latest), latest or stepNNNNNNNN")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="whole-case evaluation on a store split (1 GPU or CPU)")
+    p.add_argument("model", help="RUN_DIR or model.safetensors")
+    p.add_argument("--data", required=True, help="Zarr store")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--tag", default="best")
+    p.add_argument("--tta", action="store_true", help="average with flipped inputs")
+    p.add_argument("--postprocess", action="store_true", help="largest liver component, tumour inside it")
+    p.add_argument("--limit", type=int, default=None, help="first N cases only")
+    p.add_argument("--cpu", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="segment a raw NIfTI CT; output keeps the input's affine/header")
+    p.add_argument("model")
+    p.add_argument("image")
+    p.add_argument("--out", required=True)
+    p.add_argument("--probs", default=None, help="also write probabilities to this .zarr")
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--postprocess", action="store_true")
+    p.add_argument("--cpu", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("compare", help="side-by-side report of several evaluations (Markdown + PNG)")
+    p.add_argument("evals", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("status", help="jobs, steps, last checkpoint and metrics of a run directory")
     p.add_argument("run_dir")

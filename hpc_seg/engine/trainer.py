@@ -205,7 +205,19 @@ class Trainer:
         self.engine.step()
         return {"loss": float(loss.detach()), "skipped": False}
 
+    def _broadcast_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BN running statistics): each rank's statistics drift
+        apart, checkpoints hold rank 0's, and validation must judge the model that is saved.
+        Running statistics do not enter the training forward pass, so the weights are unaffected."""
+        import torch.distributed as dist
+
+        if self.env.world_size > 1:
+            for buf in self.engine.module.buffers():
+                if buf is not None and buf.is_floating_point():
+                    dist.broadcast(buf, src=0)
+
     def validate(self) -> dict:
+        self._broadcast_buffers()
         self.engine.eval()
         cases = self.split["val"][: self.cfg.train.val_max_cases]
 

@@ -55,16 +55,20 @@ class SegmentationMetrics:
         self.pr_hist = torch.zeros(2, self.pr_bins, dtype=torch.int64)  # [negatives, positives]
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, target: torch.Tensor, case_ids=None) -> None:
+    def update(self, logits: torch.Tensor, target: torch.Tensor, case_ids=None, pred: torch.Tensor | None = None,
+               probs: torch.Tensor | None = None) -> None:
         """Add a batch: ``logits`` (N, C, *S) (or hard predictions (N, *S)), ``target`` (N, *S).
 
         ``case_ids``: one id per batch item (slices of a case may come in any batch or rank).
+        ``probs`` may replace ``logits`` (already softmaxed), and ``pred`` the argmax (e.g. after
+        post-processing); the PR curve always uses the probabilities.
         """
-        if logits.dim() == target.dim() + 1:
+        if probs is not None:
+            probs = probs.float()
+        elif logits.dim() == target.dim() + 1:
             probs = logits.float().softmax(1)
-            pred = probs.argmax(1)
-        else:
-            probs, pred = None, logits
+        if pred is None:
+            pred = probs.argmax(1) if probs is not None else logits
         if pred.shape != target.shape:
             raise ValueError(f"metrics: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
         c = self.num_classes

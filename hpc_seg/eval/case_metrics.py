@@ -1,0 +1,49 @@
+"""Per-case volume metrics in physical units: Dice, IoU, VOE, RVD, ASSD and MSSD (symmetric
+surface distances in mm from the voxel spacing), as in the LiTS benchmark (Bilic et al. 2023)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
+
+
+def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing) -> tuple[float | None, float | None]:
+    """(ASSD, MSSD) in the units of ``spacing``; None when either mask is empty."""
+    if not pred.any() or not gt.any():
+        return None, None
+    sp, sg = _surface(pred), _surface(gt)
+    dt_gt = ndimage.distance_transform_edt(~sg, sampling=spacing)
+    dt_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
+    d = np.concatenate([dt_gt[sp], dt_pred[sg]])
+    return float(d.mean()), float(d.max())
+
+
+def _figures(p: np.ndarray, g: np.ndarray, spacing, surfaces: bool) -> dict:
+    tp = int(np.count_nonzero(p & g))
+    fp, fn = int(np.count_nonzero(p & ~g)), int(np.count_nonzero(~p & g))
+    union = tp + fp + fn
+    iou = tp / union if union else None
+    fig = {"dice": (2 * tp / (2 * tp + fp + fn)) if union else None, "iou": iou,
+           "voe": (1 - iou) if iou is not None else None,
+           "rvd": ((tp + fp) - (tp + fn)) / (tp + fn) if (tp + fn) else None,
+           "precision": tp / (tp + fp) if (tp + fp) else None, "recall": tp / (tp + fn) if (tp + fn) else None,
+           "voxels_gt": tp + fn, "voxels_pred": tp + fp}
+    if surfaces:
+        fig["assd_mm"], fig["mssd_mm"] = surface_distances(p, g, spacing)
+    return fig
+
+
+def case_metrics(pred: np.ndarray, gt: np.ndarray, spacing, class_names: list[str]) -> dict:
+    """Figures per class (``label == c``; surface distances for foreground classes) for one case.
+
+    For liver CT also ``liver+tumour`` (labels >= 1): the whole organ, as the LiTS liver score.
+    Undefined figures (e.g. Dice of a class absent from both masks) are None.
+    """
+    out = {name: _figures(pred == c, gt == c, spacing, c > 0) for c, name in enumerate(class_names)}
+    if class_names[1:] == ["liver", "tumour"]:
+        out["liver+tumour"] = _figures(pred >= 1, gt >= 1, spacing, True)
+    return out

@@ -1,0 +1,103 @@
+"""Sharded checkpoint → one fp32 ``.safetensors`` file with the config embedded, and loading a
+model for evaluation from either that file or a run directory (no DeepSpeed engine, no
+process group, CPU or one GPU).
+
+    hpc-seg export RUN_DIR --out model.safetensors [--tag best|latest|stepNNNNNNNN]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from hpc_seg.config import Config, to_dict
+from hpc_seg.config.loader import from_dict
+from hpc_seg.engine.checkpoint import CheckpointManager
+from hpc_seg.engine.consolidate import consolidated_state_dict
+from hpc_seg.errors import HpcSegError
+from hpc_seg.utils.atomic import atomic_write_bytes
+
+
+def resolve_checkpoint(run_dir: Path, tag: str = "best") -> tuple[Path, str]:
+    """``best`` (falling back to ``latest``), ``latest`` or an explicit tag; verified."""
+    root = Path(run_dir) / "checkpoints"
+    mgr = CheckpointManager(root, 0, 1)
+    if tag in ("best", "latest"):
+        pointer = root / tag
+        if not pointer.is_file() and tag == "best":
+            pointer = root / "latest"
+        if not pointer.is_file():
+            raise HpcSegError(f"{root}: no checkpoint found (no '{tag}' pointer)")
+        tag = pointer.read_text().strip()
+    problem = mgr.verify(tag)
+    if problem:
+        raise HpcSegError(f"{root / tag}: checkpoint is damaged or incomplete ({problem})")
+    return root, tag
+
+
+def run_config(run_dir: Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise HpcSegError(f"{run_dir}: not a run directory (no config.yaml)")
+    return from_dict(Config, yaml.safe_load(path.read_text()), source=str(path))
+
+
+def _model_for(cfg: Config, state: dict, source: str):
+    from hpc_seg.models import build_model
+
+    m = cfg.model
+    model = build_model(m.name, m.size, in_channels=cfg.data.in_channels, num_classes=cfg.data.num_classes,
+                        **m.overrides)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise HpcSegError(f"{source}: weights do not fit model {m.name}/{m.size} {m.overrides} "
+                          f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
+    return model.eval()
+
+
+def export(run_dir: str | Path, out: str | Path, tag: str = "best") -> Path:
+    """Consolidate ZeRO shards (any stage, any world size) into ``out`` (.safetensors, fp32)."""
+    from safetensors.torch import save
+
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    root, tag = resolve_checkpoint(run_dir, tag)
+    state = consolidated_state_dict(root, tag)
+    _model_for(cfg, state, str(root / tag))  # refuse to write weights that do not fit the config
+    meta = {"config": yaml.safe_dump(to_dict(cfg), sort_keys=False), "checkpoint": str(root / tag),
+            "manifest": json.dumps(CheckpointManager.manifest(root, tag).get("step"))}
+    data = save({k: v.contiguous() for k, v in state.items()}, metadata=meta)
+    return atomic_write_bytes(out, data)
+
+
+def load_for_eval(source: str | Path, tag: str = "best"):
+    """(model in eval mode, config) from a ``.safetensors`` export or a run directory."""
+    source = Path(source)
+    if source.is_dir():
+        cfg = run_config(source)
+        root, tag = resolve_checkpoint(source, tag)
+        return _model_for(cfg, consolidated_state_dict(root, tag), str(root / tag)), cfg
+    if not source.is_file():
+        raise HpcSegError(f"{source}: no such model file or run directory")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(source), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(source))
+    except Exception as exc:
+        raise HpcSegError(f"{source}: not a readable .safetensors file ({exc})") from None
+    if "config" not in meta:
+        raise HpcSegError(f"{source}: no embedded config (was it written by 'hpc-seg export'?)")
+    cfg = from_dict(Config, yaml.safe_load(meta["config"]), source=f"{source} (embedded config)")
+    return _model_for(cfg, state, str(source)), cfg
+
+
+def device_and_dtype(prefer_gpu: bool = True):
+    if prefer_gpu and torch.cuda.is_available():
+        return torch.device("cuda"), (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return torch.device("cpu"), None

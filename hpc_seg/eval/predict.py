@@ -1,0 +1,79 @@
+"""``hpc-seg predict model.safetensors /data/new_ct.nii.gz --out pred.nii.gz`` — a raw CT in, labels out.
+
+The input is read and checked like a conversion (4D, empty, corrupt, NaN → clear error naming the
+file), reoriented to RAS for the model, and the label map (0 background, 1 liver, 2 tumour) is
+mapped back to the input's voxel order and written with the **input's affine and header** (uint8),
+so it opens aligned on the CT in ITK-SNAP or 3D Slicer. Any voxel spacing is accepted: slices are
+resized to the model's input size exactly as in training. ``--probs FILE.zarr`` also stores the
+class probabilities (float16, (K, Z, Y, X) in RAS order, one chunk per slice).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
+
+from hpc_seg.data.nifti_io import ct_to_int16, load_nifti, to_canonical
+from hpc_seg.errors import HpcSegError
+from hpc_seg.eval.inference import postprocess as keep_largest
+from hpc_seg.eval.inference import predict_probs
+from hpc_seg.eval.model_io import device_and_dtype, load_for_eval
+
+
+def to_input_grid(labels_zyx: np.ndarray, canonical_affine: np.ndarray, input_affine: np.ndarray) -> np.ndarray:
+    """(Z, Y, X) RAS labels → the input file's voxel order (inverse of the conversion's reorientation)."""
+    ras_xyz = labels_zyx.transpose(2, 1, 0)
+    t = ornt_transform(io_orientation(canonical_affine), io_orientation(input_affine))
+    return apply_orientation(ras_xyz, t)
+
+
+def predict_file(source, in_path, out_path, tta: bool = False, postprocess: bool = False,
+                 probs_path=None, cpu: bool = False) -> Path:
+    in_path, out_path = Path(in_path), Path(out_path)
+    model, cfg = load_for_eval(source)
+    if cfg.data.dataset == "kvasir":
+        raise HpcSegError(f"{source}: an RGB (Kvasir) model cannot segment the CT volume {in_path}")
+    img = load_nifti(in_path)
+    ct = to_canonical(img, in_path)
+    data = ct_to_int16(ct.data, in_path)
+    device, amp = device_and_dtype(prefer_gpu=not cpu)
+    probs = predict_probs(model, cfg, data[None], device, amp, tta=tta)
+    labels = probs.argmax(0).astype(np.uint8)
+    if postprocess:
+        labels = keep_largest(labels)
+    out = to_input_grid(labels, ct.affine_canonical, img.affine).astype(np.uint8)
+    if out.shape != img.shape:
+        raise HpcSegError(f"{in_path}: internal error, prediction shape {out.shape} != input {img.shape}")
+    header = img.header.copy()
+    header.set_data_dtype(np.uint8)
+    header.set_slope_inter(1.0, 0.0)
+    seg = nib.Nifti1Image(out, img.affine, header)
+    seg.set_qform(img.get_qform(), code=int(img.header["qform_code"]))
+    seg.set_sform(img.get_sform(), code=int(img.header["sform_code"]))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp" + "".join(out_path.suffixes))
+    nib.save(seg, str(tmp))
+    tmp.replace(out_path)
+    if probs_path:
+        _save_probs(probs, ct.spacing, Path(probs_path))
+    return out_path
+
+
+def _save_probs(probs: np.ndarray, spacing, path: Path) -> None:
+    import shutil
+
+    import zarr
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    k, z, y, x = probs.shape
+    arr = zarr.create_array(str(tmp), shape=probs.shape, chunks=(1, 1, y, x), dtype="float16",
+                            dimension_names=("c", "z", "y", "x"))
+    arr[...] = probs.astype(np.float16)
+    arr.attrs["spacing_zyx"] = [float(s) for s in spacing]
+    arr.attrs["orientation"] = "RAS"
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
