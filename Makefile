@@ -28,6 +28,7 @@ bench: setup
 	$(PY) bench/data_loading.py
 	$(PY) bench/model_stats.py
 	$(PY) bench/engine.py
+	$(PY) bench/plan_scaling.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -16,6 +16,7 @@
     hpc-seg evaluate runs/demo --data outputs/phantom/phantom.zarr --split test --out eval/demo
     hpc-seg predict model.safetensors ct.nii.gz --out pred.nii.gz
     hpc-seg compare eval/a eval/b --out report/
+    hpc-seg plan    --config configs/transunet_12l.yaml --gpus 8 --gpu-mem 40GB
 
 Errors in the input (bad files, bad config) print one line naming the file and exit with 2;
 a conversion that had to skip bad cases exits with 1 after converting all good ones.
@@ -153,6 +154,14 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from hpc_seg.config import load_config
+    from hpc_seg.engine.plan_cli import run_plan
+
+    run_plan(load_config(args.config, args.overrides), args.gpus, args.gpu_mem)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-seg", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("evals", nargs="+")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plan", help="predict per-GPU memory under ZeRO 0-3 / precision / checkpointing")
+    _add_config_args(p)
+    p.add_argument("--gpus", type=int, default=None, help="data-parallel GPUs (default: the slurm request)")
+    p.add_argument("--gpu-mem", default=None, help="memory per GPU for a recommendation, e.g. 40GB")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("status", help="jobs, steps, last checkpoint and metrics of a run directory")
     p.add_argument("run_dir")

@@ -103,6 +103,7 @@ class Trainer:
         self.best: tuple[float, str] | None = None
         self.bad_steps = 0
         self._signal: int | None = None
+        self._saved_step: int | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -247,6 +248,7 @@ class Trainer:
                 "model": self.cfg.model.name, "code_version": code_version()}
         rank_state = {"rng": rng_state(), "rank": self.env.rank}
         tag = self.ckpt.save(self.engine, self.step, self.state_dict(), rank_state, meta)
+        self._saved_step = self.step
         self.log.write({"type": "checkpoint", "step": self.step, "tag": tag})
         return tag
 
@@ -277,6 +279,7 @@ class Trainer:
         if client is None:
             raise HpcSegError(f"{root / tag}: DeepSpeed could not load this checkpoint")
         self.step, self.epoch = client["step"], client["epoch"]
+        self._saved_step = self.step
         self.history = client["history"]
         self.best = tuple(client["best"]) if client["best"] else None
         # the same global sample count, spread over the new number of ranks
@@ -377,7 +380,7 @@ class Trainer:
         last = self.history[-1]["step"] if self.history else -1
         if last != self.step:
             self._validate_and_track()
-        if self.ckpt.verify(f"step{self.step:08d}") is not None or not (self.ckpt.root / f"step{self.step:08d}").exists():
+        if self._saved_step != self.step:
             self.save()
         if self.env.is_main:
             atomic_write_json(self.run_dir / "final.json", {

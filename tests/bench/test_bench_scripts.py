@@ -42,3 +42,16 @@ def test_engine_bench_quick(tmp_path, phantom_store):
     for k in ("zero0", "zero2", "zero3"):  # DeepSpeed matches the ZeRO paper's accounting
         assert abs(ms[k]["ratio_measured_vs_formula"] - 1) < 0.05, (k, ms[k])
     assert res["step_time_1_rank"]["ratio_deepspeed_vs_pytorch"] > 0 and res["scaling"]["speedup_2_vs_1"] > 0
+
+
+def test_gpu_scale_script_runs_at_toy_size(tmp_path):
+    out = tmp_path / "gs.json"
+    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu"}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_scale.py"), "--toy", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    modes = {row["mode"] for row in res["rows"] if row["status"] == "ok"}
+    assert modes == {"pytorch_fp32", "ds_fp16_z2", "ds_fp16_z3", "ds_fp16_z2_ckpt", "ds_fp16_z3_ckpt"}
+    assert all(row["samples_per_s"] > 0 for row in res["rows"] if row["status"] == "ok")
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
