@@ -22,6 +22,7 @@ from hpc_seg.data.convert import convert
 from hpc_seg.data.dataset import build_loader
 from hpc_seg.data.phantom import write_lits_phantom
 from hpc_seg.data.split import ensure_split
+from hpc_seg.errors import StoreError
 
 
 def prepare_data(cfg, workers: int = 2, log=print) -> None:
@@ -32,14 +33,15 @@ def prepare_data(cfg, workers: int = 2, log=print) -> None:
     source, dataset = cfg.data.source, cfg.data.dataset
     if source is None:
         if dataset != "phantom":
-            raise FileNotFoundError(f"{store}: no store and no data.source to convert")
+            raise StoreError(f"{store}: no store and no data.source to convert (run 'hpc-seg convert')")
         source = store.parent / "phantom-nifti"
         log(f"generating a synthetic CT phantom in {source}")
         write_lits_phantom(source, cases=8, shape=(128, 128, 32), seed=cfg.data.split_seed)
     log(f"converting {source} → {store}")
     report = convert(dataset, source, store, workers=workers)
     if report.failed:
-        raise RuntimeError(f"conversion failed for {sorted(report.failed)}")
+        raise StoreError(f"{source}: conversion failed for {sorted(report.failed)}: " +
+                         "; ".join(report.failed.values()))
 
 
 def run_demo(config: str, overrides: list[str]) -> int:

@@ -17,15 +17,15 @@ def run_plan(cfg, gpus: int | None, gpu_mem: str | None) -> dict:
         prof = profile_model(cfg)
     depth = prof.depth
     gb = (lambda v: f"{v / GIB:.2f}")
-    t = Table("ZeRO", "act. ckpt", "params", "grads", "optimizer", "activations", "total / GPU", *[f"{s} GB" for s in GPU_SIZES_GB],
+    t = Table("ZeRO", "act. ckpt", "offload", "params", "grads", "optimizer", "activations", "total / GPU", *[f"{s} GB" for s in GPU_SIZES_GB],
               title=f"{cfg.name}: {cfg.model.name}/{cfg.model.size} depth {depth or '-'}, Ψ={prof.params(depth) / 1e6:.1f} M, "
                     f"batch {batch}/GPU at {cfg.data.size[0]}×{cfg.data.size[1]}, {prec}, {world} GPUs (GiB)")
     rows = []
     for ckpt in (False, True):
-        for stage in range(4):
-            m = per_gpu_bytes(prof, depth, batch, stage, world, prec, ckpt)
-            rows.append({"zero_stage": stage, "checkpointing": ckpt, **m})
-            t.add_row(str(stage), "on" if ckpt else "off", gb(m["params"]), gb(m["grads"]), gb(m["optimizer"]),
+        for stage, offload in ((0, False), (1, False), (2, False), (3, False), (2, True), (3, True)):
+            m = per_gpu_bytes(prof, depth, batch, stage, world, prec, ckpt, offload)
+            rows.append({"zero_stage": stage, "checkpointing": ckpt, "offload_optimizer": offload, **m})
+            t.add_row(str(stage), "on" if ckpt else "off", "optimizer" if offload else "-", gb(m["params"]), gb(m["grads"]), gb(m["optimizer"]),
                       gb(m["activations"]), gb(m["total"]),
                       *["yes" if m["total"] <= s * GIB else "no" for s in GPU_SIZES_GB])
     console.print(t)

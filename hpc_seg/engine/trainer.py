@@ -302,6 +302,8 @@ class Trainer:
                    "skipped_steps": int(getattr(self.engine, "skipped_steps", 0))}
             if self.cfg.deepspeed.precision == "fp16":
                 rec["loss_scale"] = float(self.engine.optimizer.loss_scale)
+            if torch.cuda.is_available():
+                rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1024 ** 3
             self.log.write(rec)
             self.log.advance(self.step, f"loss {rec['loss'] if rec['loss'] is not None else float('nan'):.4f}")
             losses.clear()

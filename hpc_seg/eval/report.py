@@ -4,7 +4,7 @@
 
 ``compare`` reads each evaluation's ``metrics.json`` (and, when the evaluation came from a run
 directory, that run's ``metrics.jsonl`` and ``final.json``) and writes ``report.md`` (table: loss,
-IoU/Dice per class, params, throughput, peak memory where logged), ``iou_per_class.png`` and
+IoU/Dice per class, params, throughput, training peak GPU memory where logged), ``iou_per_class.png`` and
 ``training_curves.png``.
 """
 
@@ -93,7 +93,7 @@ def training_curves(runs: dict[str, Path], path: Path) -> Path:
 def compare(evals: list[str | Path], out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, runs = [], {}
+    rows, runs, recs_of = [], {}, {}
     for e in evals:
         p = Path(e) / "metrics.json"
         if not p.is_file():
@@ -107,17 +107,20 @@ def compare(evals: list[str | Path], out: str | Path) -> Path:
         if recs:
             runs[label] = src
         train = [r for r in recs if r["type"] == "train"]
+        recs_of[label] = train
         rows.append((label, m, train[-1] if train else {}))
     names = list(rows[0][1]["per_class"])
     head = ["run", "model", "params (M)", "final loss", "mean IoU", "mean IoU (fg)"] + \
-        [f"IoU {n}" for n in names[1:]] + [f"Dice {n}" for n in names[1:]] + ["train samples/s", "eval volumes/s"]
+        [f"IoU {n}" for n in names[1:]] + [f"Dice {n}" for n in names[1:]] + \
+        ["train samples/s", "train peak GPU memory (GiB)", "eval volumes/s"]
     fmt = (lambda v, d=4: "-" if v is None else f"{v:.{d}f}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, m, last in rows:
         cells = [label, f"{m['model']}/{m['size']}", fmt(m["params"] / 1e6, 2), fmt(last.get("loss")),
                  fmt(m["mean_iou"]), fmt(m["mean_iou_foreground"])]
         cells += [fmt(m["per_class"][n]["iou"]) for n in names[1:]] + [fmt(m["per_class"][n]["dice"]) for n in names[1:]]
-        cells += [fmt(last.get("samples_per_s"), 1), fmt(m["volumes_per_s"], 2)]
+        peak = max((r.get("peak_mem_gb") or 0.0 for r in recs_of[label]), default=0.0) or None
+        cells += [fmt(last.get("samples_per_s"), 1), fmt(peak, 2), fmt(m["volumes_per_s"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(names), 3.6))
