@@ -14,15 +14,12 @@ from hpc_seg.engine.distributed import all_max
 from hpc_seg.metrics import SegmentationMetrics
 
 
-def case_batches(cfg, case_ids: list[str], batch_size: int):
-    """Yield (images, labels, case ids) over all slices of ``case_ids`` in order."""
-    if not case_ids:
-        return
-    ds = ZarrSliceDataset(cfg.store, case_ids, cfg, train=False)
+def case_batches(ds: ZarrSliceDataset, batch_size: int):
+    """Yield (images, labels, case ids) over all slices of the dataset's cases, in order."""
     for start in range(0, len(ds), batch_size):
         items = [ds[(i, 0)] for i in range(start, min(start + batch_size, len(ds)))]
         yield (torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items]),
-               [case_ids[it["case"]] for it in items])
+               [ds.case_ids[it["case"]] for it in items])
 
 
 @torch.no_grad()
@@ -31,18 +28,14 @@ def validate(forward, data_cfg, case_ids: list[str], rank: int, world: int, batc
     """``forward(images) -> logits``; returns ``SegmentationMetrics.compute()`` over all ranks."""
     mine = case_ids[rank::world]
     metrics = SegmentationMetrics(len(class_names), class_names)
-    ds_len = sum(ZarrSliceDataset(data_cfg.store, [c], data_cfg, train=False).__len__() for c in mine)
-    n_batches = math.ceil(ds_len / batch_size)
-    total = int(all_max(n_batches))
+    ds = ZarrSliceDataset(data_cfg.store, mine, data_cfg, train=False) if mine else None
+    total = int(all_max(math.ceil(len(ds) / batch_size) if ds else 0))
     done = 0
-    for images, labels, cases in case_batches(data_cfg, mine, batch_size):
+    for images, labels, cases in case_batches(ds, batch_size) if ds else ():
         metrics.update(forward(images), labels, case_ids=cases)
         done += 1
-    pad = None
+    pad = torch.zeros(1, data_cfg.in_channels, *data_cfg.size)
     while done < total:  # keep collectives in step (ZeRO-3 gathers parameters on every forward)
-        if pad is None:
-            c = data_cfg.in_channels
-            pad = torch.zeros(1, c, *data_cfg.size)
         forward(pad)
         done += 1
     metrics.all_reduce()

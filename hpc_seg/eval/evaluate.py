@@ -70,7 +70,8 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
         metrics.update(None, torch.from_numpy(label.astype(np.int64))[None], case_ids=[cid],
                        pred=torch.from_numpy(pred.astype(np.int64))[None], probs=torch.from_numpy(probs)[None])
         extra[cid] = case_metrics(pred, label, index["cases"][cid]["stats"]["spacing"], names)
-        shown[cid] = (image, label, pred)
+        z = int(np.argmax((label > 0).sum(axis=(1, 2)))) if label.any() else label.shape[0] // 2
+        shown[cid] = (z, image[:, z], label[z], pred[z])  # one slice per case for the overlays, not volumes
     seconds = time.perf_counter() - t0
     res = metrics.compute()
     for row in res["per_case"]:

@@ -42,7 +42,10 @@ def _case_score(row: dict, names: list[str]) -> float:
 
 
 def overlays(shown: dict, res: dict, names: list[str], path: Path) -> Path | None:
-    """Worst / median / best case (mean foreground Dice): image, ground truth, prediction."""
+    """Worst / median / best case (mean foreground Dice): image, ground truth, prediction.
+
+    ``shown``: case → (z, image (C, Y, X), label (Y, X), prediction (Y, X)) of one slice.
+    """
     rows = sorted(res["per_case"], key=lambda r: _case_score(r, names))
     if not rows:
         return None
@@ -50,11 +53,9 @@ def overlays(shown: dict, res: dict, names: list[str], path: Path) -> Path | Non
     plt = _plt()
     fig, axes = plt.subplots(len(picks), 3, figsize=(9, 3 * len(picks)), squeeze=False)
     for r, (what, row) in enumerate(picks.items()):
-        image, label, pred = shown[row["case"]]
-        z = int(np.argmax((label > 0).sum(axis=(1, 2)))) if label.any() else label.shape[0] // 2
-        img = image[:, z]
+        z, img, label, pred = shown[row["case"]]  # the case's slice with most foreground
         img = np.clip(img[0], -100, 400) if img.shape[0] == 1 else img.transpose(1, 2, 0)
-        for c, (title, mask) in enumerate((("image", None), ("ground truth", label[z]), ("prediction", pred[z]))):
+        for c, (title, mask) in enumerate((("image", None), ("ground truth", label), ("prediction", pred))):
             ax = axes[r, c]
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, origin="lower" if img.ndim == 2 else "upper")
             if mask is not None:
