@@ -2,18 +2,20 @@
 
 ::
 
-    hpc-seg demo                                     # phantom → Zarr → split → loader pass
+    hpc-seg demo                                     # phantom → Zarr → split → loader pass → training
     hpc-seg phantom OUT_DIR --cases 6 --shape 128 128 32
-    hpc-seg convert lits   /data/LiTS17       /scratch/lits.zarr --workers 8
+    hpc-seg prepare lits   /data/LiTS17       /scratch/lits.zarr --workers 8 --val 0.2 --test 0.2 --seed 0
+    hpc-seg convert lits   /data/LiTS17       /scratch/lits.zarr --workers 8   # conversion alone
     hpc-seg convert msd    /data/Task03_Liver /scratch/msd.zarr
     hpc-seg convert kvasir /data/Kvasir-SEG   /scratch/kvasir.zarr
-    hpc-seg split   /scratch/lits.zarr --val 0.2 --test 0.2 --seed 0
-    hpc-seg inspect /scratch/lits.zarr
+    hpc-seg split   /scratch/lits.zarr --val 0.2 --test 0.2 --seed 0    # split + its preprocessing plan
+    hpc-seg inspect /scratch/lits.zarr [--plan 0]
     hpc-seg config  --config configs/demo.yaml --set data.size=[128,128]   # print resolved config
     hpc-seg train   --config configs/tiny_cpu.yaml --run-dir runs/demo --resume latest
+    hpc-seg submit  --config transunet_12l.yaml [--dry-run|--local|--wait]
     hpc-seg status  runs/demo
     hpc-seg export  runs/demo --out model.safetensors
-    hpc-seg evaluate runs/demo --data outputs/phantom/phantom.zarr --split test --out eval/demo
+    hpc-seg evaluate runs/demo --data outputs/phantom/phantom.zarr --split test --out eval/demo [--save-predictions]
     hpc-seg predict model.safetensors ct.nii.gz --out pred.nii.gz
     hpc-seg compare eval/a eval/b --out report/
     hpc-seg plan    --config configs/transunet_12l.yaml --gpus 8 --gpu-mem 40GB
@@ -37,20 +39,46 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_convert(args) -> int:
-    from rich.console import Console
-
     from hpc_seg.data.convert import convert
 
     report = convert(args.dataset, args.src, args.out, workers=args.workers, show_progress=not args.quiet)
-    console = Console(stderr=True)
-    console.print(f"[green]{len(report.converted)} converted[/], {len(report.skipped)} already complete, "
-                  f"[red]{len(report.failed)} failed[/] → {report.store}")
+    return _print_report(report)
+
+
+def _print_report(report) -> int:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[green]{len(report.converted)} converted[/], {len(report.skipped)} already "
+                               f"complete, [red]{len(report.failed)} failed[/] → {report.store}")
     if report.failed:  # plain lines (no wrapping), so paths can be copied and grepped
         print("skipped cases (fix the file and rerun; converted cases are kept):", file=sys.stderr)
         for cid, err in sorted(report.failed.items()):
             print(f"  {cid}: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_prepare(args) -> int:
+    from hpc_seg.data.prepare import prepare
+
+    done = prepare(args.dataset, args.src, args.out, workers=args.workers, val=args.val, test=args.test,
+                   seed=args.seed, show_progress=not args.quiet, resplit=args.resplit)
+    code = _print_report(done.report)
+    if code:
+        print("no split or plan written: rerun 'hpc-seg prepare' once the bad cases are fixed or removed",
+              file=sys.stderr)
+        return code
+    p = done.plan
+    print(f"{args.out}: split seed {args.seed}: " + ", ".join(f"{k} {len(v)}" for k, v in done.split.items()))
+    print(f"preprocessing plan: {_plan_line(p)}")
+    return 0
+
+
+def _plan_line(p) -> str:
+    norm = (f"window [{p.window[0]:.0f}, {p.window[1]:.0f}] HU, " if p.window else "") + p.normalize
+    if p.normalize == "zscore":
+        norm += f" (mean {p.offset[0]:.1f}, std {p.scale[0]:.1f} HU, from {p.train_cases} training cases)"
+    return f"{p.kind} {p.modality}, classes {list(p.classes)}, {p.channels} channel(s)/slice, {norm}"
 
 
 def cmd_phantom(args) -> int:
@@ -63,11 +91,12 @@ def cmd_phantom(args) -> int:
 
 
 def cmd_split(args) -> int:
-    from hpc_seg.data.split import load_split, write_split
+    from hpc_seg.data.plan import read_plan
+    from hpc_seg.data.split import write_split
 
-    path = write_split(args.store, args.out, args.val, args.test, args.seed)
-    split = load_split(path)
-    print(f"{path}: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
+    split = write_split(args.store, args.val, args.test, args.seed, from_file=args.from_file)
+    print(f"{args.store}: split seed {args.seed}: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
+    print(f"preprocessing plan: {_plan_line(read_plan(args.store, args.seed))}")
     return 0
 
 
@@ -90,6 +119,12 @@ def cmd_inspect(args) -> int:
                       *[str(n) for n in s["label_counts"][1:]],
                       f"{pct['0.5'][0]:.0f}/{pct['50'][0]:.0f}/{pct['99.5'][0]:.0f}")
     Console().print(table)
+    if args.plan is not None:
+        import json
+
+        from hpc_seg.data.plan import read_plan
+
+        print(json.dumps(read_plan(args.store, args.plan).to_dict(), indent=1))
     return 0
 
 
@@ -124,7 +159,7 @@ def cmd_status(args) -> int:
 def cmd_export(args) -> int:
     from hpc_seg.eval.model_io import export
 
-    path = export(args.run_dir, args.out, args.tag)
+    path = export(args.run_dir, args.out, args.tag, plan_from_store=args.plan_from_store)
     print(f"wrote {path}")
     return 0
 
@@ -133,7 +168,7 @@ def cmd_evaluate(args) -> int:
     from hpc_seg.eval.evaluate import evaluate, print_summary
 
     res = evaluate(args.model, args.data, args.split, args.out, args.tag, args.tta, args.postprocess,
-                   args.limit, args.cpu)
+                   args.limit, args.cpu, save_predictions=args.save_predictions)
     print_summary(res)
     print(f"wrote {args.out}/metrics.json, per_case.csv and figures")
     return 0
@@ -158,16 +193,53 @@ def cmd_plan(args) -> int:
     from hpc_seg.config import load_config
     from hpc_seg.engine.plan_cli import run_plan
 
-    run_plan(load_config(args.config, args.overrides), args.gpus, args.gpu_mem)
+    cfg = load_config(args.config, args.overrides)
+    run_plan(cfg, args.gpus, args.gpu_mem, io=_model_io(cfg))
     return 0
+
+
+def _model_io(cfg) -> tuple[int, int]:
+    """(input, output) channels: from the store's preprocessing plan when prepared, else the kind's facts."""
+    from hpc_seg.data.kinds import get_kind
+    from hpc_seg.data.plan import read_plan
+    from hpc_seg.data.prepare import is_prepared
+
+    d = cfg.data
+    if is_prepared(d.store, d.split_seed):
+        p = read_plan(d.store, d.split_seed).resolve(d, cfg.loss.kind)
+        return p.in_channels, p.out_channels
+    kind = get_kind(d.dataset)
+    k = d.slices if d.mode == "2.5d" else 1
+    classes = len(kind.classes) if kind.classes else 3
+    return kind.channels * k, 1 if cfg.loss.kind == "bce_dice" else classes
+
+
+def cmd_submit(args) -> int:
+    from hpc_seg.jobs.cli import run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-seg", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert LiTS/MSD/Kvasir (or phantom) data into a Zarr store")
-    p.add_argument("dataset", choices=["lits", "msd", "kvasir", "phantom"])
+    from hpc_seg.data.kinds import kind_names
+
+    p = sub.add_parser("prepare", help="convert + index + split + preprocessing plan, in one command")
+    p.add_argument("dataset", choices=kind_names(), help="dataset kind of SRC")
+    p.add_argument("src")
+    p.add_argument("out", help="the Zarr store to write (or complete)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--val", type=float, default=0.2)
+    p.add_argument("--test", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resplit", action="store_true", help="replace an existing split (and plan) of this seed")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("convert", help="convert a source of a dataset kind into a Zarr store (no split)")
+    p.add_argument("dataset", choices=kind_names())
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--workers", type=int, default=1)
@@ -187,12 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=float, default=0.2)
     p.add_argument("--test", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="default: STORE/split-seed<seed>.json")
+    p.add_argument("--from", dest="from_file", default=None, help="use this JSON split ({train, val, test} "
+                   "case lists) instead of drawing one; kept in the store under --seed")
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("inspect", help="show the case index of a store")
     p.add_argument("store")
     p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--plan", type=int, default=None, metavar="SEED", help="also print the plan of this split seed")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("config", help="print the resolved config")
@@ -204,10 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = train_parser(sub.add_parser("train", help="train with DeepSpeed (see hpc_seg/train.py)"))
     p.set_defaults(func=cmd_train)
 
+    from hpc_seg.jobs.cli import build_parser as submit_parser
+
+    p = submit_parser(sub.add_parser("submit", help="submit training to SLURM via submitit (or --local)"))
+    p.set_defaults(func=cmd_submit)
+
     p = sub.add_parser("export", help="consolidate sharded checkpoints into one fp32 .safetensors")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default="best", help="best (default, else latest), latest or stepNNNNNNNN")
+    p.add_argument("--plan-from-store", default=None, metavar="STORE",
+                   help="a run made before preprocessing plans: take the plan of STORE's split (the run's seed)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="whole-case evaluation on a store split (1 GPU or CPU)")
@@ -220,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocess", action="store_true", help="largest liver component, tumour inside it")
     p.add_argument("--limit", type=int, default=None, help="first N cases only")
     p.add_argument("--cpu", action="store_true")
+    p.add_argument("--save-predictions", action="store_true",
+                   help="write OUT/predictions/<case>.nii.gz on the original grid (RGB: <case>.png)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment a raw NIfTI CT; output keeps the input's affine/header")

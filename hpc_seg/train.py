@@ -15,6 +15,8 @@ Commands::
     # show the generated DeepSpeed JSON
     hpc-seg train --config configs/transunet_12l.yaml --print-ds-config
 
+``data.store`` missing (one process only): prepared first from ``data.source`` (``hpc-seg prepare``).
+
 Exit status: 0 done, 2 bad config/input, 3 diverged (non-finite losses), 75 stopped by
 SIGUSR1/SIGUSR2/SIGTERM after saving a checkpoint on all ranks (requeue and ``--resume latest``).
 """
@@ -50,6 +52,7 @@ def run(args) -> int:
 
         print(json.dumps(deepspeed_config(cfg, detect_env().world_size), indent=2))
         return 0
+    ensure_data(cfg)
     from hpc_seg.engine.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir, resume=args.resume).setup()
@@ -57,6 +60,23 @@ def run(args) -> int:
         return trainer.fit()
     finally:
         trainer.close()
+
+
+def ensure_data(cfg) -> None:
+    """Data preparation happens here, in one process, before distributed start-up — never in the
+    engine. Several ranks (torchrun, srun) need a prepared store: its absence is an error naming
+    the command that prepares it."""
+    from hpc_seg.data.prepare import is_prepared, prepare_command, prepare_for_config
+    from hpc_seg.engine.distributed import detect_env
+
+    d = cfg.data
+    if is_prepared(d.store, d.split_seed):
+        return
+    world = detect_env().world_size
+    if world > 1:
+        raise HpcSegError(f"{d.store}: not a prepared store (split seed {d.split_seed}); {world} ranks do not "
+                          f"prepare data. Prepare it once first: {prepare_command(cfg)}")
+    prepare_for_config(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

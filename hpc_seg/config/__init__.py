@@ -9,7 +9,7 @@ from hpc_seg.config.schema import (AugmentConfig, CheckpointConfig, Config, Data
                                    LossConfig, ModelConfig, TrainConfig)
 from hpc_seg.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped as package data
 
 __all__ = [
     "AugmentConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig",
@@ -19,7 +19,8 @@ __all__ = [
 
 
 def resolve_config_path(name: str | Path, relative_to: Path | None = None) -> Path:
-    """A config path as given, else relative to ``relative_to``, else inside ``configs/``."""
+    """A config path as given, else relative to ``relative_to``, else a shipped config
+    (``hpc_seg/configs``, also ``configs/`` in a checkout)."""
     p = Path(name)
     candidates = [p]
     if relative_to is not None:
@@ -28,7 +29,7 @@ def resolve_config_path(name: str | Path, relative_to: Path | None = None) -> Pa
     for c in candidates:
         if c.is_file():
             return c
-    raise ConfigError(f"{name}: config file not found (also looked in {CONFIG_DIR})")
+    raise ConfigError(f"{name}: config file not found (also looked among the shipped configs in {CONFIG_DIR})")
 
 
 def _deep_merge(base: dict, top: dict) -> dict:

@@ -36,13 +36,14 @@ class DataConfig:
 
     ``mode``: ``2d`` (one slice), ``2.5d`` (``slices`` adjacent slices as channels) or ``3d``
     (patches of ``patch_depth`` slices). ``window`` is the HU window [low, high] applied before
-    normalisation (CT only; RGB images are scaled by ``rgb_mean``/``rgb_std``).
+    normalisation (CT only; RGB images are scaled by ``rgb_mean``/``rgb_std``). ``window``,
+    ``normalize`` and ``rgb_mean``/``rgb_std`` left unset take the dataset kind's defaults; the
+    values in force are recorded in the run's preprocessing plan (``RUN_DIR/plan.json``).
     """
 
     store: str = "outputs/phantom.zarr"
-    dataset: Literal["lits", "msd", "kvasir", "phantom"] = "phantom"
-    source: Optional[str] = None  # raw data to convert when ``store`` is absent (None: phantom)
-    split_file: Optional[str] = None  # default: <store>/split-seed<split_seed>.json
+    dataset: str = "phantom"  # a registered dataset kind (hpc-seg prepare --help lists them)
+    source: Optional[str] = None  # raw data that 'hpc-seg train' prepares when ``store`` is absent
     split_seed: int = 0
     val_fraction: float = 0.2
     test_fraction: float = 0.2
@@ -50,10 +51,10 @@ class DataConfig:
     slices: int = 3
     patch_depth: int = 32
     size: list[int] = field(default_factory=lambda: [256, 256])
-    window: list[float] = field(default_factory=lambda: [-100.0, 400.0])
-    normalize: Literal["minmax", "zscore"] = "minmax"
-    rgb_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    rgb_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    window: Optional[list[float]] = None  # None: the kind's default (lits/phantom [-100, 400])
+    normalize: Optional[Literal["minmax", "zscore", "rgb"]] = None  # None: the kind's default
+    rgb_mean: Optional[list[float]] = None  # None: the kind's default (Kvasir: ImageNet)
+    rgb_std: Optional[list[float]] = None
     oversample: float = 0.33  # probability that a sample is redrawn from a foreground slice
     oversample_class: int = 2  # class whose slices are preferred (tumour); falls back to any fg
     batch_size: int = 8
@@ -63,7 +64,7 @@ class DataConfig:
     def validate(self) -> None:
         if len(self.size) != 2 or min(self.size) < 8:
             raise ValueError(f"data.size must be [H, W] with H, W >= 8, got {self.size}")
-        if len(self.window) != 2 or self.window[0] >= self.window[1]:
+        if self.window is not None and (len(self.window) != 2 or self.window[0] >= self.window[1]):
             raise ValueError(f"data.window must be [low, high] with low < high, got {self.window}")
         if self.mode == "2.5d" and (self.slices < 1 or self.slices % 2 == 0):
             raise ValueError(f"data.slices must be odd and >= 1 for 2.5d, got {self.slices}")
@@ -71,21 +72,8 @@ class DataConfig:
             raise ValueError(f"data.oversample must be in [0, 1], got {self.oversample}")
         if self.val_fraction < 0 or self.test_fraction < 0 or self.val_fraction + self.test_fraction >= 1:
             raise ValueError("data.val_fraction + data.test_fraction must be < 1 and both >= 0")
-        if self.dataset == "kvasir" and self.mode != "2d":
-            raise ValueError(f"data.mode must be '2d' for kvasir (single RGB images), got '{self.mode}'")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError("data.batch_size must be >= 1 and data.num_workers >= 0")
-
-    @property
-    def in_channels(self) -> int:
-        """Channels a model sees for this data (RGB: 3 per slice, CT: 1 per slice)."""
-        per_slice = 3 if self.dataset == "kvasir" else 1
-        depth = self.slices if self.mode == "2.5d" else 1
-        return per_slice * depth
-
-    @property
-    def num_classes(self) -> int:
-        return 2 if self.dataset == "kvasir" else 3
 
 
 @dataclass
@@ -186,7 +174,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class SlurmConfig:
-    """The cluster request (``launch/submit.py``); site defaults come from ``slurm/site.yaml``.
+    """The cluster request (``launch/submit.py``); site defaults come from the site profile (``hpc-seg submit --help``).
 
     One task per GPU: ``tasks_per_node`` equals ``gpus_per_node`` on GPU partitions.
     """

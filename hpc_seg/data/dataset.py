@@ -23,32 +23,34 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hpc_seg.config.schema import DataConfig
 from hpc_seg.data import store as zstore
-from hpc_seg.data.index import read_index
-from hpc_seg.data.transforms import augment, normalize_rgb, resize, window_ct
+from hpc_seg.data.index import from_runs, read_index
+from hpc_seg.data.plan import PreprocessingPlan, model_input, read_plan
+from hpc_seg.data.transforms import augment, resize_label
 
 
 class ZarrSliceDataset(Dataset):
     """Args:
         store: path of an hpc-seg Zarr store.
         case_ids: cases to draw from (one split).
-        cfg: the ``data`` section of the config.
+        cfg: the ``data`` section of the config (sampling: mode, oversampling, augmentation).
         train: enable oversampling and augmentation.
         seed: base seed of all sample randomness.
+        plan: the resolved preprocessing plan (default: the store's plan of ``cfg.split_seed``,
+            resolved with ``cfg``).
     """
 
     def __init__(self, store: str | Path, case_ids: list[str], cfg: DataConfig, train: bool,
-                 seed: int = 0):
+                 seed: int = 0, plan: PreprocessingPlan | None = None):
         self.store, self.cfg, self.train, self.seed = str(store), cfg, train, seed
+        self.plan = plan if plan is not None else read_plan(store, cfg.split_seed).resolve(cfg)
         index = read_index(store)
         missing = [c for c in case_ids if c not in index["cases"]]
         if missing:
             raise zstore.StoreError(f"{store}: cases {missing[:5]} not in the store index")
         self.case_ids = list(case_ids)
-        self.rgb = index["dataset"] == "kvasir"
         stats = [index["cases"][c]["stats"] for c in self.case_ids]
         self.depths = [s["shape"][0] for s in stats]
         self.fg_slices = [self._fg_slices(s) for s in stats]
-        self.mean, self.std = _foreground_stats(stats, cfg.window)
         step = cfg.patch_depth if cfg.mode == "3d" else 1
         self.items = np.array([(ci, z) for ci, d in enumerate(self.depths) for z in range(0, d, step)],
                               dtype=np.int64).reshape(-1, 2)
@@ -57,9 +59,8 @@ class ZarrSliceDataset(Dataset):
 
     def _fg_slices(self, stats: dict) -> tuple[np.ndarray, np.ndarray]:
         by_class = stats["slices_with_class"]
-        target = np.asarray(by_class.get(str(self.cfg.oversample_class), []), dtype=np.int64)
-        any_fg = np.unique(np.concatenate([np.asarray(v, np.int64) for v in by_class.values()]
-                                          or [np.zeros(0, np.int64)]))
+        target = from_runs(by_class.get(str(self.cfg.oversample_class), []))
+        any_fg = np.unique(np.concatenate([from_runs(v) for v in by_class.values()] or [np.zeros(0, np.int64)]))
         return target, any_fg
 
     def __len__(self) -> int:
@@ -110,28 +111,11 @@ class ZarrSliceDataset(Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         ci, z = self._pick(index, rng)
         raw, lab = self.read(ci, z)
-        if self.rgb:
-            img = normalize_rgb(raw, self.cfg.rgb_mean, self.cfg.rgb_std)
-        else:
-            img = window_ct(raw, self.cfg.window, self.cfg.normalize, self.mean, self.std)
-        image, label = resize(torch.from_numpy(img), torch.from_numpy(lab.astype(np.int64)),
-                              tuple(self.cfg.size))
+        image = model_input(self.plan, raw[None])[0]
+        label = resize_label(torch.from_numpy(lab.astype(np.int64)), self.plan.size)
         if self.train and self.cfg.augment.enabled:
             image, label = augment(image, label, rng, self.cfg.augment)
         return {"image": image.float(), "label": label, "case": ci, "z": z}
-
-
-def _foreground_stats(stats: list[dict], window) -> tuple[float, float]:
-    """Pooled foreground mean/std over cases (for zscore), clipped into the window."""
-    w = [s["label_counts"][1:] for s in stats]
-    n = np.array([sum(c) for c in w], dtype=np.float64)
-    if n.sum() == 0 or not all("foreground_mean" in s for s, k in zip(stats, n) if k > 0):
-        return float(np.mean(window)), float((window[1] - window[0]) / 4)
-    means = np.array([s.get("foreground_mean", [0.0])[0] for s in stats])
-    stds = np.array([s.get("foreground_std", [0.0])[0] for s in stats])
-    mean = float((n * means).sum() / n.sum())
-    var = float((n * (stds ** 2 + (means - mean) ** 2)).sum() / n.sum())
-    return float(np.clip(mean, *window)), float(max(np.sqrt(var), 1.0))
 
 
 class ShardedSampler(Sampler):
@@ -170,9 +154,10 @@ class ShardedSampler(Sampler):
 
 
 def build_loader(cfg: DataConfig, case_ids: list[str], train: bool, rank: int = 0, world: int = 1,
-                 seed: int = 0, batch_size: int | None = None, num_workers: int | None = None):
+                 seed: int = 0, batch_size: int | None = None, num_workers: int | None = None,
+                 plan: PreprocessingPlan | None = None):
     """DataLoader over ``case_ids`` with the sharded sampler; returns (loader, sampler)."""
-    ds = ZarrSliceDataset(cfg.store, case_ids, cfg, train=train, seed=seed)
+    ds = ZarrSliceDataset(cfg.store, case_ids, cfg, train=train, seed=seed, plan=plan)
     sampler = ShardedSampler(len(ds), rank, world, shuffle=train, seed=seed, even=train)
     workers = cfg.num_workers if num_workers is None else num_workers
     loader = DataLoader(ds, batch_size=batch_size or cfg.batch_size, sampler=sampler,

@@ -1,7 +1,9 @@
-"""Per-case statistics, computed at conversion time and gathered into ``STORE/index.json``.
+"""Per-case statistics, computed at conversion time and gathered into the store's index
+(attributes of ``STORE/meta/index``).
 
-The index drives normalisation (HU percentiles, foreground mean/std), case splitting
-(tumour/no-tumour stratification) and foreground oversampling (slices containing each class).
+The index drives the preprocessing plan (foreground mean/std of the training cases), case
+splitting (tumour/no-tumour stratification) and foreground oversampling (slices containing each
+class, kept as ``[start, stop)`` runs so that the index stays small at 10,000 cases).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_seg.utils.atomic import atomic_write_json
+from hpc_seg.data.store import read_meta, write_meta
 
 PERCENTILES = (0.5, 1, 5, 25, 50, 75, 95, 99, 99.5)
 
@@ -41,11 +43,29 @@ def _summary(vals: np.ndarray) -> tuple[list[float], float, float]:
     return pct, mean, std
 
 
+def to_runs(idx: np.ndarray) -> list[list[int]]:
+    """Sorted indices → ``[[start, stop), …]`` runs (``[3, 4, 5, 9]`` → ``[[3, 6], [9, 10]]``)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate([idx[:1], idx[breaks + 1]])
+    stops = np.concatenate([idx[breaks], idx[-1:]]) + 1
+    return [[int(a), int(b)] for a, b in zip(starts, stops)]
+
+
+def from_runs(runs: list[list[int]]) -> np.ndarray:
+    """Inverse of :func:`to_runs`."""
+    if not runs:
+        return np.zeros(0, np.int64)
+    return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in runs])
+
+
 def case_stats(image: np.ndarray, label: np.ndarray, num_classes: int,
                spacing: tuple[float, float, float]) -> dict:
     """Statistics of one (C, Z, Y, X) image and its (Z, Y, X) label."""
     counts = np.array([np.count_nonzero(label == c) for c in range(num_classes)])
-    present = {c: np.flatnonzero((label == c).any(axis=(1, 2))).tolist() for c in range(1, num_classes)}
+    present = {c: to_runs(np.flatnonzero((label == c).any(axis=(1, 2)))) for c in range(1, num_classes)}
     summaries = [_summary(ch) for ch in image]
     stats = {
         "shape": list(label.shape),
@@ -61,11 +81,12 @@ def case_stats(image: np.ndarray, label: np.ndarray, num_classes: int,
         fg_summaries = [_summary(ch[fg]) for ch in image]
         stats["foreground_mean"] = [s[1] for s in fg_summaries]
         stats["foreground_std"] = [s[2] for s in fg_summaries]
+        stats["foreground_percentiles"] = {str(q): [s[0][i] for s in fg_summaries] for i, q in enumerate(PERCENTILES)}
     return stats
 
 
 def write_index(store_path: str | Path, dataset: str, classes: list[str], cases: dict[str, dict]) -> Path:
-    """Write ``index.json`` (atomically) with the stats of every complete case."""
+    """Write the index (atomically) with the stats of every complete case."""
     totals = np.zeros(len(classes), dtype=np.int64)
     for s in cases.values():
         totals += np.asarray(s["stats"]["label_counts"], dtype=np.int64)
@@ -76,16 +97,16 @@ def write_index(store_path: str | Path, dataset: str, classes: list[str], cases:
         "label_counts": [int(t) for t in totals],
         "cases": dict(sorted(cases.items())),
     }
-    return atomic_write_json(Path(store_path) / "index.json", index, indent=1)
+    return write_meta(store_path, "index", index)
 
 
 def read_index(store_path: str | Path) -> dict:
-    import json
-
+    from hpc_seg.data.store import open_store
     from hpc_seg.errors import StoreError
 
-    path = Path(store_path) / "index.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"{path}: cannot read case index ({exc}); rerun 'hpc-seg convert'") from None
+    open_store(store_path)  # a foreign or older-layout store is refused with its reason
+    index = read_meta(store_path, "index")
+    if index is None:
+        raise StoreError(f"{store_path}: store has no case index (conversion did not finish); rerun "
+                         "'hpc-seg prepare' (or 'hpc-seg convert')")
+    return index

@@ -5,9 +5,10 @@ validation never ends up without tumours by chance. ``check_split`` fails loudly
 is in two splits or is missing from the store — the paper's code validated on 22 training
 volumes; this makes that impossible to do silently.
 
-Command::
+Commands (each also computes the split's preprocessing plan, see data/plan.py)::
 
-    hpc-seg split /scratch/lits.zarr --val 0.2 --test 0.2 --seed 0   # → STORE/split-seed0.json
+    hpc-seg split /scratch/lits.zarr --val 0.2 --test 0.2 --seed 0   # → STORE/meta/splits/seed0
+    hpc-seg split /scratch/lits.zarr --from folds/fold1.json --seed 101   # a split of your own, checked
 """
 
 from __future__ import annotations
@@ -19,13 +20,8 @@ import numpy as np
 
 from hpc_seg.data.index import read_index
 from hpc_seg.errors import SplitError
-from hpc_seg.utils.atomic import atomic_write_json
 
 SPLITS = ("train", "val", "test")
-
-
-def default_split_path(store: str | Path, seed: int) -> Path:
-    return Path(store) / f"split-seed{seed}.json"
 
 
 def make_split(case_stats: dict[str, dict], val_fraction: float, test_fraction: float, seed: int,
@@ -80,18 +76,34 @@ def check_split(split: dict, known_cases: set[str] | None = None, source: str = 
             raise SplitError(f"{source}: case(s) {missing[:5]} are not in the store")
 
 
-def write_split(store: str | Path, path: str | Path | None, val_fraction: float, test_fraction: float,
-                seed: int) -> Path:
+def split_key(seed: int) -> str:
+    return f"splits/seed{seed}"
+
+
+def write_split(store: str | Path, val_fraction: float, test_fraction: float, seed: int,
+                from_file: str | Path | None = None) -> dict:
+    """Make (or import from a JSON file) the split of ``seed``, check it, keep it in the store's
+    metadata and compute its preprocessing plan from the training cases. Returns the split."""
+    from hpc_seg.data.plan import plan_from_split, write_plan
+    from hpc_seg.data.store import store_info, write_meta
+
     index = read_index(store)
-    split = make_split(index["cases"], val_fraction, test_fraction, seed)
+    if from_file is not None:
+        split = read_split_file(from_file, set(index["cases"]))
+    else:
+        split = make_split(index["cases"], val_fraction, test_fraction, seed)
     check_split(split, set(index["cases"]))
-    path = Path(path) if path else default_split_path(store, seed)
-    split["meta"] = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
-                     "store": str(Path(store).resolve()), "num_cases": len(index["cases"])}
-    return atomic_write_json(path, split)
+    if not split["train"]:
+        raise SplitError(f"{from_file or store}: split has no training case")
+    meta = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+            "num_cases": len(index["cases"]), "from_file": str(from_file) if from_file else None}
+    write_meta(store, split_key(seed), {**{k: split[k] for k in SPLITS}, "meta": meta})
+    write_plan(store, plan_from_split(store_info(store), index, split, seed))
+    return {k: list(split[k]) for k in SPLITS}
 
 
-def load_split(path: str | Path, known_cases: set[str] | None = None) -> dict[str, list[str]]:
+def read_split_file(path: str | Path, known_cases: set[str] | None = None) -> dict[str, list[str]]:
+    """A user's split JSON ({train: [...], val: [...], test: [...]}), checked."""
     path = Path(path)
     try:
         split = json.loads(path.read_text())
@@ -103,10 +115,19 @@ def load_split(path: str | Path, known_cases: set[str] | None = None) -> dict[st
     return {k: list(split.get(k, [])) for k in SPLITS}
 
 
-def ensure_split(store: str | Path, path: str | Path | None, val_fraction: float,
-                 test_fraction: float, seed: int) -> dict[str, list[str]]:
-    """Load the split file, creating it first when absent (checked either way)."""
-    path = Path(path) if path else default_split_path(store, seed)
-    if not path.exists():
-        write_split(store, path, val_fraction, test_fraction, seed)
-    return load_split(path, set(read_index(store)["cases"]))
+def read_split(store: str | Path, seed: int) -> dict[str, list[str]]:
+    """The split of ``seed`` kept in the store (checked against the store's cases)."""
+    from hpc_seg.data.store import read_meta
+
+    split = read_meta(store, split_key(seed))
+    if split is None:
+        raise SplitError(f"{store}: no split for seed {seed}; run 'hpc-seg split {store} --seed {seed}' "
+                         "(or 'hpc-seg prepare')")
+    check_split(split, set(read_index(store)["cases"]), source=f"{store} (meta/{split_key(seed)})")
+    return {k: list(split.get(k, [])) for k in SPLITS}
+
+
+def has_split(store: str | Path, seed: int) -> bool:
+    from hpc_seg.data.store import read_meta
+
+    return read_meta(store, split_key(seed)) is not None

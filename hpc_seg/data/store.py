@@ -2,9 +2,11 @@
 
 ::
 
-    STORE.zarr/                      root group; attrs["hpc_seg"] = {format, dataset, classes, channels}
-      index.json                     per-case statistics (written by ``convert``, see data/index.py)
-      split-seed0.json               train/val/test case lists (written by ``split``)
+    STORE.zarr/                      root group; attrs["hpc_seg"] = {format, kind, classes, channels,
+                                     modality, defaults (window, normalize, rgb mean/std), modes}
+      meta/index/                    group; attrs: per-case statistics (``convert``, data/index.py)
+      meta/splits/seed0/             group; attrs: train/val/test case lists (``split``/``prepare``)
+      meta/plans/seed0/              group; attrs: the preprocessing plan of that split (data/plan.py)
       cases/<case_id>/               one group per case; attrs: OME-Zarr 0.5 "ome" multiscales
         image   (C, Z, Y, X)         int16 HU (CT, C=1) or uint8 RGB (C=3, Z=1)
         label   (Z, Y, X)            uint8 class ids
@@ -17,6 +19,10 @@ see bench/data_loading.py), labels Blosc-zstd (long runs of zeros compress to al
 
 A case is *complete* only when ``attrs["hpc_seg"]["complete"]`` is true; that attribute is written
 last, so a case half-written by a crash is detected and rewritten, never trusted.
+
+Store metadata (index, splits, plans) lives in attributes of groups under ``meta/``, so plain
+zarr-python lists the store without warnings; each is one ``zarr.json`` written atomically
+(temporary file + rename) and read without touching the others.
 """
 
 from __future__ import annotations
@@ -34,14 +40,10 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from hpc_seg.errors import StoreError
+from hpc_seg.utils.atomic import atomic_write_json
 
-FORMAT = "hpc-seg/zarr-v1"
-CLASSES = {
-    "lits": ["background", "liver", "tumour"],
-    "msd": ["background", "liver", "tumour"],
-    "phantom": ["background", "liver", "tumour"],
-    "kvasir": ["background", "polyp"],
-}
+FORMAT = "hpc-seg/zarr-v2"
+META_KEY = "hpc_seg_meta"
 IMAGE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 LABEL_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
@@ -60,29 +62,74 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     except Exception as exc:
         raise StoreError(f"{path}: cannot open Zarr store: {exc}") from None
     meta = root.attrs.get("hpc_seg")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith("hpc-seg/"):
         raise StoreError(f"{path}: Zarr store was not written by hpc-seg (format {FORMAT} expected)")
+    if meta["format"] != FORMAT:
+        raise StoreError(f"{path}: store layout {meta['format']}, this hpc-seg reads {FORMAT}; convert the "
+                         f"source again into a new store: hpc-seg prepare {meta.get('dataset', 'KIND')} SRC NEW.zarr")
     return root
 
 
-def create_or_open_store(path: str | Path, dataset: str) -> zarr.Group:
-    """Open our store for appending, or create it; refuse to touch anything else at ``path``."""
+def store_info(path: str | Path) -> dict:
+    """The root attributes of a store (kind, classes, channels, modality, defaults)."""
+    return dict(open_store(path).attrs["hpc_seg"])
+
+
+def _group_json(attrs: dict) -> dict:
+    return {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+
+
+def write_meta(store_path: str | Path, key: str, payload: dict) -> Path:
+    """Write ``payload`` as the attributes of group ``meta/<key>`` (atomic; parents created)."""
+    root = Path(store_path)
+    parts = ["meta", *key.split("/")]
+    for i in range(1, len(parts)):
+        parent = root.joinpath(*parts[:i], "zarr.json")
+        if not parent.is_file():
+            atomic_write_json(parent, _group_json({}))
+    return atomic_write_json(root.joinpath(*parts, "zarr.json"), _group_json({META_KEY: payload}), indent=None)
+
+
+def read_meta(store_path: str | Path, key: str) -> dict | None:
+    """The payload of ``meta/<key>``, or None when absent."""
+    path = Path(store_path).joinpath("meta", *key.split("/"), "zarr.json")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(text)["attributes"][META_KEY]
+    except (ValueError, KeyError) as exc:
+        raise StoreError(f"{path}: damaged store metadata ({exc}); rerun 'hpc-seg prepare'") from None
+
+
+def list_meta(store_path: str | Path, key: str) -> list[str]:
+    """Names of the groups under ``meta/<key>`` (e.g. the split seeds)."""
+    d = Path(store_path).joinpath("meta", *key.split("/"))
+    return sorted(p.name for p in d.iterdir() if (p / "zarr.json").is_file()) if d.is_dir() else []
+
+
+def create_or_open_store(path: str | Path, dataset: str, info: dict | None = None) -> zarr.Group:
+    """Open our store for appending, or create it with root attributes ``info`` (kind facts);
+    refuse to touch anything else at ``path``."""
     path = Path(path)
     if path.exists():
         if path.is_dir() and not any(path.iterdir()):
             pass  # an empty directory is fine to fill
         elif _is_zarr_dir(path):
             root = open_store(path, mode="r+")
-            have = root.attrs["hpc_seg"].get("dataset")
-            if have != dataset:
-                raise StoreError(f"{path}: store holds dataset '{have}', refusing to add '{dataset}'")
+            have = dict(root.attrs["hpc_seg"])
+            if have.get("dataset") != dataset:
+                raise StoreError(f"{path}: store holds dataset '{have.get('dataset')}', refusing to add '{dataset}'")
+            if info and have.get("classes") != list(info.get("classes", have.get("classes"))):
+                raise StoreError(f"{path}: store has classes {have.get('classes')}, the source has "
+                                 f"{info.get('classes')}; convert into a new store")
             return root
         else:
             raise StoreError(f"{path}: exists and is not an hpc-seg Zarr store; refusing to overwrite it")
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     root.require_group("cases")
-    root.attrs["hpc_seg"] = {"format": FORMAT, "dataset": dataset, "classes": CLASSES[dataset],
-                             "channels": 3 if dataset == "kvasir" else 1}
+    root.attrs["hpc_seg"] = {"format": FORMAT, "dataset": dataset, **(info or {})}
     return root
 
 

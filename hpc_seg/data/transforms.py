@@ -1,5 +1,6 @@
-"""Intensity normalisation, resizing and CPU augmentation of (C, H, W) / (C, D, H, W) samples.
+"""Label resizing and CPU augmentation of (C, H, W) / (C, D, H, W) samples.
 
+Intensity normalisation and image resizing are the preprocessing plan's (``data/plan.py``).
 All randomness comes from a ``numpy.random.Generator`` passed in, so a sample is a pure function
 of (seed, epoch, index) whatever DataLoader worker computes it.
 """
@@ -13,35 +14,13 @@ import torch
 import torch.nn.functional as F
 
 
-def window_ct(image: np.ndarray, window: tuple[float, float], normalize: str,
-              mean: float = 0.0, std: float = 1.0) -> np.ndarray:
-    """Clip HU to ``window``; ``minmax`` → [0, 1], ``zscore`` → (x - mean) / std."""
-    lo, hi = window
-    x = np.clip(image.astype(np.float32), lo, hi)
-    if normalize == "minmax":
-        return (x - lo) / (hi - lo)
-    return (x - mean) / max(std, 1e-6)
-
-
-def normalize_rgb(image: np.ndarray, mean, std) -> np.ndarray:
-    """uint8 (3k, H, W) → float, per-channel standardised (mean/std given for 3 channels)."""
-    x = image.astype(np.float32) / 255.0
-    reps = x.shape[0] // 3
-    m = np.tile(np.asarray(mean, np.float32), reps)[:, None, None]
-    s = np.tile(np.asarray(std, np.float32), reps)[:, None, None]
-    return (x - m) / s
-
-
-def resize(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]):
-    """Resize the last two dims: bilinear (antialiased) image, nearest label."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image, label
-    lead = image.shape[:-2]
-    img = image.reshape(1, -1, *image.shape[-2:])
-    img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
+def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize the last two dims of a label map (nearest-exact)."""
+    if tuple(label.shape[-2:]) == tuple(size):
+        return label
     lab = label.reshape(1, -1, *label.shape[-2:]).float()
-    lab = F.interpolate(lab, size=size, mode="nearest-exact")
-    return img.reshape(*lead, *size), lab.reshape(*label.shape[:-2], *size).long()
+    lab = F.interpolate(lab, size=tuple(size), mode="nearest-exact")
+    return lab.reshape(*label.shape[:-2], *size).long()
 
 
 def augment(image: torch.Tensor, label: torch.Tensor, rng: np.random.Generator, cfg):

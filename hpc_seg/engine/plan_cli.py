@@ -6,7 +6,7 @@ from hpc_seg.engine.planner import (GIB, GPU_SIZES_GB, largest_batch, parse_mem,
                                     recommend)
 
 
-def run_plan(cfg, gpus: int | None, gpu_mem: str | None) -> dict:
+def run_plan(cfg, gpus: int | None, gpu_mem: str | None, io: tuple[int, int] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
@@ -14,7 +14,7 @@ def run_plan(cfg, gpus: int | None, gpu_mem: str | None) -> dict:
     world = gpus or cfg.slurm.world_size
     prec, batch = cfg.deepspeed.precision, cfg.data.batch_size
     with console.status("measuring activations (forward/backward of the real model on the CPU)…"):
-        prof = profile_model(cfg)
+        prof = profile_model(cfg, io)
     depth = prof.depth
     gb = (lambda v: f"{v / GIB:.2f}")
     t = Table("ZeRO", "act. ckpt", "offload", "params", "grads", "optimizer", "activations", "total / GPU", *[f"{s} GB" for s in GPU_SIZES_GB],

@@ -109,12 +109,17 @@ class Profile:
         return (fixed + batch * slope) * (1.0 if precision == "fp32" else 0.5)
 
 
-def profile_model(cfg) -> Profile:
-    """Measure Ψ and activations (batches 1, 2) at depths 1, 2 (TransUNet) or as configured (CNNs)."""
+def profile_model(cfg, io: tuple[int, int] | None = None) -> Profile:
+    """Measure Ψ and activations (batches 1, 2) at depths 1, 2 (TransUNet) or as configured (CNNs).
+
+    ``io``: (input channels, output channels) from the data's preprocessing plan; default: one CT
+    channel per slice and three classes (liver task)."""
     from hpc_seg.models import build_model
 
     m, d = cfg.model, cfg.data
-    kw = dict(in_channels=d.in_channels, num_classes=d.num_classes)
+    if io is None:
+        io = (d.slices if d.mode == "2.5d" else 1, 3)
+    kw = dict(in_channels=io[0], num_classes=io[1])
     hw = tuple(d.size)
     if m.name == "transunet":
         from hpc_seg.models.transunet import SIZES

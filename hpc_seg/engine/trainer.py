@@ -23,6 +23,7 @@ import yaml
 
 from hpc_seg import __version__
 from hpc_seg.config import Config, to_dict
+from hpc_seg.data.plan import PLAN_FILE
 from hpc_seg.engine import distributed as hdist
 from hpc_seg.engine.checkpoint import CheckpointManager
 from hpc_seg.engine.ds_config import deepspeed_config
@@ -123,7 +124,7 @@ class Trainer:
         from hpc_seg.losses import build_loss
         from hpc_seg.models import build_from_config
 
-        model = build_from_config(cfg)
+        model = build_from_config(cfg, self.plan)
         if tr.activation_checkpointing:
             from hpc_seg.engine.activation_checkpointing import apply_activation_checkpointing
 
@@ -147,28 +148,29 @@ class Trainer:
         return self
 
     def _setup_data(self) -> None:
+        """The prepared store's split and preprocessing plan (data preparation is not the
+        engine's: ``hpc-seg prepare``, or ``hpc-seg train`` before distributed start-up)."""
         from hpc_seg.data.dataset import build_loader
-        from hpc_seg.data.split import ensure_split
-        from hpc_seg.demo import prepare_data
+        from hpc_seg.data.plan import read_plan
+        from hpc_seg.data.split import read_split
 
         d = self.cfg.data
-        if self.env.is_main:
-            prepare_data(self.cfg)
-            ensure_split(d.store, d.split_file, d.val_fraction, d.test_fraction, d.split_seed)
-        hdist.barrier()
-        self.split = ensure_split(d.store, d.split_file, d.val_fraction, d.test_fraction, d.split_seed)
+        self.split = read_split(d.store, d.split_seed)
+        self.plan = read_plan(d.store, d.split_seed).resolve(d, self.cfg.loss.kind)
+        self.class_names = list(self.plan.classes)
         self.loader, self.sampler = build_loader(d, self.split["train"], train=True, rank=self.env.rank,
-                                                 world=self.env.world_size, seed=self.cfg.train.seed)
+                                                 world=self.env.world_size, seed=self.cfg.train.seed,
+                                                 plan=self.plan)
         if len(self.loader) == 0:
             raise HpcSegError(f"{d.store}: training split gives no full batch of {d.batch_size} on "
                               f"{self.env.world_size} rank(s)")
-        self.class_names = ["background", "polyp"] if d.dataset == "kvasir" else ["background", "liver", "tumour"]
 
     def _write_run_files(self) -> None:
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             atomic_write_json(self.run_dir / "ds_config.json", self.ds_config)
+            atomic_write_text(self.run_dir / PLAN_FILE, self.plan.to_json())
         hdist.barrier()
         ranks = self.run_dir / "ranks"  # for operators (and tests) who must find or signal a rank
         ranks.mkdir(exist_ok=True)
@@ -225,8 +227,8 @@ class Trainer:
         def forward(x):
             return self.engine(self._to_input(x)).float().cpu()
 
-        res = validate(forward, self.cfg.data, cases, self.env.rank, self.env.world_size,
-                       self.cfg.data.batch_size, self.class_names)
+        res = validate(forward, self.cfg.data, self.plan, cases, self.env.rank, self.env.world_size,
+                       self.cfg.data.batch_size)
         self.engine.train()
         summary = {"type": "val", "step": self.step, "epoch": self.epoch, "mean_iou": res["mean_iou"],
                    "mean_iou_foreground": res["mean_iou_foreground"],

@@ -10,6 +10,7 @@ import math
 import torch
 
 from hpc_seg.data.dataset import ZarrSliceDataset
+from hpc_seg.data.plan import probabilities
 from hpc_seg.engine.distributed import all_max
 from hpc_seg.metrics import SegmentationMetrics
 
@@ -23,18 +24,18 @@ def case_batches(ds: ZarrSliceDataset, batch_size: int):
 
 
 @torch.no_grad()
-def validate(forward, data_cfg, case_ids: list[str], rank: int, world: int, batch_size: int,
-             class_names: list[str]) -> dict:
-    """``forward(images) -> logits``; returns ``SegmentationMetrics.compute()`` over all ranks."""
+def validate(forward, data_cfg, plan, case_ids: list[str], rank: int, world: int, batch_size: int) -> dict:
+    """``forward(images) -> logits``; returns ``SegmentationMetrics.compute()`` over all ranks.
+    Inputs and probabilities follow the run's preprocessing plan, as ``evaluate`` does."""
     mine = case_ids[rank::world]
-    metrics = SegmentationMetrics(len(class_names), class_names)
-    ds = ZarrSliceDataset(data_cfg.store, mine, data_cfg, train=False) if mine else None
+    metrics = SegmentationMetrics(plan.num_classes, list(plan.classes))
+    ds = ZarrSliceDataset(data_cfg.store, mine, data_cfg, train=False, plan=plan) if mine else None
     total = int(all_max(math.ceil(len(ds) / batch_size) if ds else 0))
     done = 0
     for images, labels, cases in case_batches(ds, batch_size) if ds else ():
-        metrics.update(forward(images), labels, case_ids=cases)
+        metrics.update(None, labels, case_ids=cases, probs=probabilities(plan, forward(images)))
         done += 1
-    pad = torch.zeros(1, data_cfg.in_channels, *data_cfg.size)
+    pad = torch.zeros(1, plan.in_channels, *plan.size)
     while done < total:  # keep collectives in step (ZeRO-3 gathers parameters on every forward)
         forward(pad)
         done += 1

@@ -1,5 +1,10 @@
 """``hpc-seg evaluate RUN_DIR|model.safetensors --data STORE --split test --out eval/`` (1 GPU or CPU).
 
+``--save-predictions`` also writes ``OUT/predictions/<case>.nii.gz`` on each case's original NIfTI
+grid (as ``hpc-seg predict`` does) or ``<case>.png`` masks at the source image size (RGB).
+The model's preprocessing plan (inside the model file or run directory) decides the input;
+a store whose classes or channels differ from the plan's is refused, naming both.
+
 Whole cases from the Zarr store, slice-wise inference, metrics over the whole evaluation
 (``SegmentationMetrics``) plus per-case LiTS figures (Dice, IoU, VOE, RVD, ASSD, MSSD in mm).
 Writes ``OUT/metrics.json`` (``mean_iou``, ``per_class``, ``per_case``, …), ``OUT/per_case.csv``,
@@ -19,54 +24,53 @@ import torch
 
 from hpc_seg.data import store as zstore
 from hpc_seg.data.index import read_index
-from hpc_seg.data.split import SPLITS, ensure_split
+from hpc_seg.data.split import SPLITS, read_split
+from hpc_seg.data.store import store_info
 from hpc_seg.errors import HpcSegError
 from hpc_seg.eval.case_metrics import case_metrics
 from hpc_seg.eval.inference import postprocess as keep_largest
 from hpc_seg.eval.inference import predict_probs
 from hpc_seg.eval.model_io import device_and_dtype, load_for_eval
+from hpc_seg.eval.predict import save_case_prediction
 from hpc_seg.metrics import SegmentationMetrics, plot_pr_curve
 from hpc_seg.utils.atomic import atomic_write_json, atomic_write_text
 
 
-def _cases(store: Path, cfg, split: str, index: dict) -> list[str]:
+def _cases(store: Path, plan, split: str, index: dict) -> list[str]:
     if split == "all":
         return sorted(index["cases"])
     if split not in SPLITS:
         raise HpcSegError(f"unknown split '{split}' (train, val, test or all)")
-    d = cfg.data
-    return ensure_split(store, d.split_file, d.val_fraction, d.test_fraction, d.split_seed)[split]
-
-
-def _check_compatible(cfg, index: dict, store: Path) -> None:
-    names = index["classes"]
-    if len(names) != cfg.data.num_classes or (index["dataset"] == "kvasir") != (cfg.data.dataset == "kvasir"):
-        raise HpcSegError(f"{store}: holds {index['dataset']} data with classes {names}, but the model was "
-                          f"trained on {cfg.data.dataset} with {cfg.data.num_classes} classes")
+    return read_split(store, plan.split_seed)[split]
 
 
 def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", tta: bool = False,
-             postprocess: bool = False, limit: int | None = None, cpu: bool = False) -> dict:
+             postprocess: bool = False, limit: int | None = None, cpu: bool = False,
+             save_predictions: bool = False) -> dict:
+    """Score a model on a store's split with the model's own preprocessing plan. Each case is
+    predicted from its image alone; its label is read only afterwards, for the metrics."""
     store, out = Path(store), Path(out)
-    model, cfg = load_for_eval(source, tag)
+    model, cfg, plan = load_for_eval(source, tag)
+    plan.check_data(store_info(store), store)
     index = read_index(store)
-    _check_compatible(cfg, index, store)
-    cases = _cases(store, cfg, split, index)[:limit]
+    cases = _cases(store, plan, split, index)[:limit]
     if not cases:
         raise HpcSegError(f"{store}: split '{split}' has no cases")
-    names = index["classes"]
+    names = list(plan.classes)
     device, amp = device_and_dtype(prefer_gpu=not cpu)
     metrics = SegmentationMetrics(len(names), names)
     root = zstore.open_store(store)
     extra, t0, shown = {}, time.perf_counter(), {}
-    stats = [index["cases"][c]["stats"] for c in cases]
     for cid in cases:
         g = root["cases"][cid]
-        image, label = g["image"][...], g["label"][...]
-        probs = predict_probs(model, cfg, image, device, amp, tta=tta, stats=stats)
+        image = g["image"][...]
+        probs = predict_probs(model, plan, image, device, amp, tta=tta)
         pred = probs.argmax(0).astype(np.uint8)
         if postprocess and len(names) == 3:
             pred = keep_largest(pred)
+        if save_predictions:
+            save_case_prediction(out / "predictions", cid, pred, dict(g.attrs["hpc_seg"]))
+        label = g["label"][...]  # read only now: nothing before the prediction depends on it
         metrics.update(None, torch.from_numpy(label.astype(np.int64))[None], case_ids=[cid],
                        pred=torch.from_numpy(pred.astype(np.int64))[None], probs=torch.from_numpy(probs)[None])
         extra[cid] = case_metrics(pred, label, index["cases"][cid]["stats"]["spacing"], names)
@@ -80,7 +84,7 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
                 "seconds": seconds, "volumes_per_s": len(cases) / seconds, "device": str(device),
                 "tta": tta, "postprocess": postprocess, "model": cfg.model.name, "size": cfg.model.size,
                 "overrides": cfg.model.overrides, "params": sum(p.numel() for p in model.parameters()),
-                "name": cfg.name})
+                "name": cfg.name, "plan": plan.to_dict()})
     _write(out, res, shown, names, source)
     return res
 

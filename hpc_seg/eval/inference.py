@@ -1,16 +1,16 @@
-"""Whole-volume inference: slice-wise (2D/2.5D) batches over a (C, Z, Y, X) volume with the same
-windowing/normalisation as training, resized to the model input and the probabilities resized
-back to the volume grid; optional flip TTA; autocast on GPU; optional post-processing."""
+"""Whole-volume inference: slice-wise (2D/2.5D) batches over a (C, Z, Y, X) volume, through the
+model's preprocessing plan (``hpc_seg.data.plan``: the same code the training loader runs), the
+probabilities resized back to the volume grid; optional flip TTA; autocast on GPU; optional
+post-processing."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
-from hpc_seg.data.dataset import _foreground_stats
-from hpc_seg.data.transforms import normalize_rgb, window_ct
+from hpc_seg.data.plan import PreprocessingPlan, model_input, probabilities, to_case_grid
+from hpc_seg.errors import HpcSegError
 
 
 def _stack(image: np.ndarray, z: int, k: int) -> np.ndarray:
@@ -20,39 +20,32 @@ def _stack(image: np.ndarray, z: int, k: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_probs(model, cfg, image: np.ndarray, device=torch.device("cpu"), amp_dtype=None, tta: bool = False,
-                  batch_size: int = 16, stats: list[dict] | None = None) -> np.ndarray:
-    """Class probabilities (K, Z, Y, X) float32 for a raw (C, Z, Y, X) image (HU int16 or RGB uint8)."""
-    d = cfg.data
-    if d.mode == "3d":
-        from hpc_seg.errors import HpcSegError
+def predict_probs(model, plan: PreprocessingPlan, image: np.ndarray, device=torch.device("cpu"), amp_dtype=None,
+                  tta: bool = False, batch_size: int = 16) -> np.ndarray:
+    """Class probabilities (K, Z, Y, X) float32 for a raw (C, Z, Y, X) image (HU int16 or RGB uint8).
 
+    Reads nothing but the image: no label, no statistics of the data at hand."""
+    if plan.mode == "3d":
         raise HpcSegError("data.mode 3d: the registry has no 3D model, so there is no sliding-window 3D "
                           "inference; evaluate 2D/2.5D models")
-    k = d.slices if d.mode == "2.5d" else 1
-    rgb = d.dataset == "kvasir"
-    mean, std = _foreground_stats(stats, d.window) if stats else (float(np.mean(d.window)), 1.0)
+    if image.shape[0] != plan.channels:
+        raise HpcSegError(f"image has {image.shape[0]} channel(s), the model's plan expects {plan.channels}")
+    k = plan.slices if plan.mode == "2.5d" else 1
     model = model.to(device).eval()
     depth, (h, w) = image.shape[1], image.shape[2:]
-    out = np.zeros((d.num_classes, depth, h, w), np.float32)
+    out = np.zeros((plan.num_classes, depth, h, w), np.float32)
+
+    def probs_of(x):
+        return probabilities(plan, model(x))
+
     for start in range(0, depth, batch_size):
         zs = range(start, min(start + batch_size, depth))
-        raw = np.stack([_stack(image, z, k) for z in zs])
-        x = normalize_rgb(raw.reshape(-1, *raw.shape[2:]), d.rgb_mean, d.rgb_std).reshape(raw.shape) if rgb \
-            else window_ct(raw, d.window, d.normalize, mean, std)
-        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        if tuple(x.shape[-2:]) != tuple(d.size):  # as the training loader: antialiased bilinear
-            x = F.interpolate(x, size=tuple(d.size), mode="bilinear", align_corners=False, antialias=True)
-        x = x.to(device)
+        x = model_input(plan, np.stack([_stack(image, z, k) for z in zs])).to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            p = model(x).float().softmax(1)
+            p = probs_of(x)
             if tta:
-                p = p + model(x.flip(-1)).float().softmax(1).flip(-1)
-                p = p + model(x.flip(-2)).float().softmax(1).flip(-2)
-                p = p / 3
-        if tuple(p.shape[-2:]) != (h, w):
-            p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
-        out[:, start:start + len(zs)] = p.permute(1, 0, 2, 3).cpu().numpy()
+                p = (p + probs_of(x.flip(-1)).flip(-1) + probs_of(x.flip(-2)).flip(-2)) / 3
+        out[:, start:start + len(zs)] = to_case_grid(p.float(), (h, w)).permute(1, 0, 2, 3).cpu().numpy()
     return out
 
 

@@ -30,33 +30,62 @@ def to_input_grid(labels_zyx: np.ndarray, canonical_affine: np.ndarray, input_af
     return apply_orientation(ras_xyz, t)
 
 
+def _write_nifti(labels_in_grid: np.ndarray, affine: np.ndarray, out_path: Path, header=None) -> Path:
+    """uint8 labels with ``affine`` (and the input's header when given), atomically."""
+    if header is not None:
+        header = header.copy()
+        header.set_data_dtype(np.uint8)
+        header.set_slope_inter(1.0, 0.0)
+    seg = nib.Nifti1Image(labels_in_grid.astype(np.uint8), affine, header)
+    if header is None:
+        seg.set_qform(affine, code=1)
+        seg.set_sform(affine, code=1)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp" + "".join(out_path.suffixes))
+    nib.save(seg, str(tmp))
+    tmp.replace(out_path)
+    return out_path
+
+
+def save_case_prediction(out_dir: Path, case_id: str, pred: np.ndarray, case_attrs: dict) -> Path:
+    """A store case's (Z, Y, X) prediction in its source's form: NIfTI on the original voxel grid
+    (CT; the original affine) or a PNG mask at the source image size (RGB; 0/255 when binary)."""
+    from PIL import Image
+
+    from hpc_seg.utils.atomic import atomic_write_bytes
+
+    if "affine_original" in case_attrs:
+        canonical, original = np.asarray(case_attrs["affine_canonical"]), np.asarray(case_attrs["affine_original"])
+        return _write_nifti(to_input_grid(pred, canonical, original), original, out_dir / f"{case_id}.nii.gz")
+    mask = pred[0].astype(np.uint8)
+    if mask.max(initial=0) <= 1:
+        mask = mask * 255
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(mask, mode="L").save(buf, format="PNG")
+    return atomic_write_bytes(out_dir / f"{case_id}.png", buf.getvalue())
+
+
 def predict_file(source, in_path, out_path, tta: bool = False, postprocess: bool = False,
                  probs_path=None, cpu: bool = False) -> Path:
     in_path, out_path = Path(in_path), Path(out_path)
-    model, cfg = load_for_eval(source)
-    if cfg.data.dataset == "kvasir":
-        raise HpcSegError(f"{source}: an RGB (Kvasir) model cannot segment the CT volume {in_path}")
+    model, cfg, plan = load_for_eval(source)
+    if plan.modality != "CT":
+        raise HpcSegError(f"{source}: a model for {plan.modality} images ({plan.kind}) cannot segment the CT "
+                          f"volume {in_path}")
     img = load_nifti(in_path)
     ct = to_canonical(img, in_path)
     data = ct_to_int16(ct.data, in_path)
     device, amp = device_and_dtype(prefer_gpu=not cpu)
-    probs = predict_probs(model, cfg, data[None], device, amp, tta=tta)
+    probs = predict_probs(model, plan, data[None], device, amp, tta=tta)
     labels = probs.argmax(0).astype(np.uint8)
     if postprocess:
         labels = keep_largest(labels)
     out = to_input_grid(labels, ct.affine_canonical, img.affine).astype(np.uint8)
     if out.shape != img.shape:
         raise HpcSegError(f"{in_path}: internal error, prediction shape {out.shape} != input {img.shape}")
-    header = img.header.copy()
-    header.set_data_dtype(np.uint8)
-    header.set_slope_inter(1.0, 0.0)
-    seg = nib.Nifti1Image(out, img.affine, header)
-    seg.set_qform(img.get_qform(), code=int(img.header["qform_code"]))
-    seg.set_sform(img.get_sform(), code=int(img.header["sform_code"]))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp" + "".join(out_path.suffixes))
-    nib.save(seg, str(tmp))
-    tmp.replace(out_path)
+    _write_nifti(out, img.affine, out_path, header=img.header)
     if probs_path:
         _save_probs(probs, ct.spacing, Path(probs_path))
     return out_path

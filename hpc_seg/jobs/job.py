@@ -35,6 +35,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         if env.num_tasks > 1 or "SLURM_JOB_ID" in os.environ:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cfg = from_dict(Config, self.config, source=f"{self.run_dir}/config (submitted)")
+        if env.num_tasks == 1:  # one process: it may prepare its data first (several ranks never do)
+            from hpc_seg.data.prepare import prepare_for_config
+
+            prepare_for_config(cfg)
         trainer = Trainer(cfg, self.run_dir, resume="latest").setup()
         try:
             code = trainer.fit()

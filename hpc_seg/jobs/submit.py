@@ -12,10 +12,25 @@ import yaml
 
 from hpc_seg.config import Config, load_raw, resolve_config_path, to_dict
 from hpc_seg.config.loader import apply_overrides, from_dict, read_yaml
+from hpc_seg.data.prepare import is_prepared, prepare_command
 from hpc_seg.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SITE = ROOT / "slurm" / "site.yaml"
+SHIPPED_SITE = Path(__file__).resolve().parent / "site.yaml"
+USER_SITE = Path("~/.config/hpc-seg/site.yaml")
+
+
+def find_site(site: str | Path | None) -> Path:
+    """The site profile: ``--site FILE``, ``$HPC_SEG_SITE``, ``~/.config/hpc-seg/site.yaml``, the shipped one."""
+    import os
+
+    for candidate, what in ((site, "--site"), (os.environ.get("HPC_SEG_SITE"), "$HPC_SEG_SITE")):
+        if candidate:
+            path = Path(candidate).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"{path}: site profile not found (given by {what})")
+            return path
+    user = USER_SITE.expanduser()
+    return user if user.is_file() else SHIPPED_SITE
 
 
 @dataclass
@@ -29,8 +44,8 @@ def load_launch_config(config: str | Path, overrides: list[str], site: str | Pat
     """Config = site profile's ``slurm:`` defaults ← the config file ← ``--set`` overrides."""
     path = resolve_config_path(config)
     raw = load_raw(path)
-    site_path = Path(site) if site else DEFAULT_SITE
-    site_raw = read_yaml(site_path) if site_path.is_file() else {}
+    site_path = find_site(site)
+    site_raw = read_yaml(site_path)
     unknown = set(site_raw) - {"slurm"}
     if unknown:
         raise ConfigError(f"{site_path}: a site profile holds only a 'slurm' section (found {sorted(unknown)})")
@@ -43,7 +58,6 @@ def absolute_paths(cfg: Config) -> Config:
     d = cfg.data
     d.store = str(Path(d.store).resolve())
     d.source = str(Path(d.source).resolve()) if d.source else None
-    d.split_file = str(Path(d.split_file).resolve()) if d.split_file else None
     if cfg.model.pretrained:
         cfg.model.pretrained = str(Path(cfg.model.pretrained).resolve())
     return cfg
@@ -64,11 +78,14 @@ def validate_request(cfg: Config, run_dir: Path) -> list[str]:
     except ConfigError as exc:
         problems.append(str(exc))
     store, source = Path(d.store), Path(d.source) if d.source else None
-    if not (store / "index.json").is_file():
-        if source is not None and not source.exists():
-            problems.append(f"data.store {store} is not a converted store and data.source {source} does not exist")
-        elif source is None and d.dataset != "phantom":
-            problems.append(f"data.store {store} does not exist (run 'hpc-seg convert' first)")
+    if not is_prepared(store, d.split_seed):
+        if s.world_size > 1:  # ranks never prepare data: that is a step of its own, before the job
+            problems.append(f"data.store {store} is not a prepared store (split seed {d.split_seed}); "
+                            f"{s.world_size} ranks need it ready: {prepare_command(cfg)}")
+        elif source is not None and not source.exists():
+            problems.append(f"data.store {store} is not a prepared store and data.source {source} does not exist")
+        elif source is None and d.dataset != "phantom" and not (store / "zarr.json").is_file():
+            problems.append(f"data.store {store} does not exist: {prepare_command(cfg)}")
     if s.nodes > 1:
         for what, p in (("run directory", run_dir), ("data.store", store)):
             local = _under(p, s.node_local_paths)

@@ -5,11 +5,12 @@ import shutil
 
 import nibabel as nib
 import numpy as np
+import pytest
 import zarr
 
 from hpc_seg.data import store as zstore
 from hpc_seg.data.convert import case_arrays, convert
-from hpc_seg.data.index import read_index
+from hpc_seg.data.index import from_runs, read_index, to_runs
 from tests.conftest import shared_path
 
 
@@ -37,9 +38,35 @@ def test_index_statistics(phantom_store):
         image, label = case_arrays(phantom_store, cid)
         s = entry["stats"]
         assert s["label_counts"] == np.bincount(label.ravel(), minlength=3).tolist()
-        assert s["slices_with_class"]["2"] == np.flatnonzero((label == 2).any((1, 2))).tolist()
+        assert from_runs(s["slices_with_class"]["2"]).tolist() == np.flatnonzero((label == 2).any((1, 2))).tolist()
         assert np.isclose(s["intensity_percentiles"]["50"][0], np.percentile(image, 50))
     assert any(e["stats"]["label_counts"][2] == 0 for e in index["cases"].values())
+
+
+def test_slice_runs_round_trip():
+    for idx in ([], [4], [3, 4, 5, 9], list(range(0, 40, 3)), [0, 1, 2, 3]):
+        assert from_runs(to_runs(np.array(idx))).tolist() == idx
+    assert to_runs(np.array([3, 4, 5, 9])) == [[3, 6], [9, 10]]
+
+
+def test_real_ct_fixture_converts(tmp_path):
+    """The repository's real (Apache-2.0) TotalSegmentator CT, in LiTS layout, through prepare."""
+    from hpc_seg.data.prepare import prepare
+    from tests.conftest import FIXTURES
+
+    src = tmp_path / "ts"
+    src.mkdir()
+    shutil.copy(FIXTURES / "totalseg-ct" / "ct.nii.gz", src / "volume-0.nii.gz")
+    shutil.copy(FIXTURES / "totalseg-ct" / "liver.nii.gz", src / "segmentation-0.nii.gz")
+    shutil.copy(FIXTURES / "totalseg-ct" / "ct.nii.gz", src / "volume-1.nii.gz")
+    shutil.copy(FIXTURES / "totalseg-ct" / "liver.nii.gz", src / "segmentation-1.nii.gz")
+    done = prepare("lits", src, tmp_path / "ts.zarr", val=0.0, test=0.5, show_progress=False)
+    image, label = case_arrays(tmp_path / "ts.zarr", "lits_0000")
+    liver = np.asarray(nib.load(src / "segmentation-0.nii.gz").dataobj)
+    assert image.shape == (1, 30, 101, 122) and int((label == 1).sum()) == int((liver == 1).sum()) > 1000
+    hu_liver = image[0][label == 1].mean()
+    assert 30 < hu_liver < 200  # soft-tissue HU: the real CT is read as HU, in RAS
+    assert done.plan.train_cases == 1 and abs(done.plan.foreground["mean"] - hu_liver) < 1e-3
 
 
 def test_idempotent_and_crash_recovery(phantom_dir, tmp_path):
@@ -79,12 +106,17 @@ def test_uncompressed_nii_and_msd_layout(tmp_path):
         shutil.copy(raw / f"volume-{n}.nii", msd / "imagesTr" / f"liver_{n}.nii")
         shutil.copy(raw / f"segmentation-{n}.nii", msd / "labelsTr" / f"liver_{n}.nii")
     (msd / "imagesTr" / "._liver_0.nii.gz").write_bytes(b"macOS resource fork")
+    (msd / "dataset.json").write_text(json.dumps({
+        "name": "Liver", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver", "2": "cancer"},
+        "training": [{"image": f"./imagesTr/liver_{n}.nii", "label": f"./labelsTr/liver_{n}.nii"} for n in range(2)]}))
     r = convert("msd", msd, tmp_path / "msd.zarr", show_progress=False)
-    assert r.ok and r.converted == ["msd_0000", "msd_0001"]
+    assert r.ok and r.converted == ["liver_0000", "liver_0001"]
+    assert zstore.store_info(tmp_path / "msd.zarr")["classes"] == ["background", "liver", "tumour"]
     r = convert("lits", raw, tmp_path / "lits.zarr", show_progress=False)
     assert r.ok and len(r.converted) == 2
 
 
+@pytest.mark.shared_data
 def test_shared_real_lits_case_float_labels(tmp_path):
     src = shared_path("lits-tiny")
     r = convert("lits", src, tmp_path / "lt.zarr", show_progress=False)
@@ -95,6 +127,7 @@ def test_shared_real_lits_case_float_labels(tmp_path):
     assert int((label == 2).sum()) == int((seg == 2).sum())
 
 
+@pytest.mark.shared_data
 def test_kvasir_real_images(kvasir_subset, tmp_path):
     out = tmp_path / "kv.zarr"
     r = convert("kvasir", kvasir_subset, out, workers=2, show_progress=False)
@@ -109,5 +142,4 @@ def test_kvasir_real_images(kvasir_subset, tmp_path):
 
     mask = np.asarray(Image.open(kvasir_subset / "masks" / f"{cid}.jpg").convert("L"))
     assert np.array_equal(label[0], (mask > 127).astype(np.uint8))
-    index = json.loads((out / "index.json").read_text())
-    assert index["num_cases"] == 12
+    assert read_index(out)["num_cases"] == 12

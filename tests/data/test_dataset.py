@@ -7,7 +7,6 @@ import torch
 from hpc_seg.config import load_config
 from hpc_seg.data.convert import case_arrays
 from hpc_seg.data.dataset import ShardedSampler, ZarrSliceDataset, build_loader
-from hpc_seg.data.transforms import window_ct
 
 
 def cfg_for(store, *overrides):
@@ -39,7 +38,7 @@ def test_25d_stack_and_window_exact(phantom_store):
     for z in (0, 7, 15):  # edges replicate the first/last slice
         s = ds[(z, 0)]
         zs = np.clip([z - 1, z, z + 1], 0, 15)
-        expected = window_ct(image[0, zs], (-100, 400), "minmax")
+        expected = (np.clip(image[0, zs].astype(np.float32), -100, 400) + 100) / 500
         assert np.allclose(s["image"].numpy(), expected, atol=1e-6)
         assert np.array_equal(s["label"].numpy(), label[z])
         assert 0.0 <= s["image"].min() and s["image"].max() <= 1.0
@@ -106,16 +105,16 @@ def test_loader_workers_and_ranks_cover_all_once(phantom_store):
     assert len(seen) == 96 and len(set(seen)) == 96
 
 
-def test_kvasir_rgb(kvasir_subset, tmp_path):
-    from hpc_seg.data.convert import convert
+def test_kvasir_rgb(synthetic_rgb, tmp_path):
+    from hpc_seg.data.prepare import prepare
 
     out = tmp_path / "kv.zarr"
-    convert("kvasir", kvasir_subset, out, show_progress=False)
+    prepare("kvasir", synthetic_rgb, out, show_progress=False)
     cfg = load_config(None, [f"data.store={out}", "data.dataset=kvasir", "data.mode=2d",
                              "data.size=[64,64]"]).data
-    assert cfg.in_channels == 3 and cfg.num_classes == 2
     from hpc_seg.data.index import read_index
 
     ds = ZarrSliceDataset(out, sorted(read_index(out)["cases"]), cfg, train=True)
+    assert ds.plan.in_channels == 3 and ds.plan.num_classes == 2 and ds.plan.normalize == "rgb"
     s = ds[(0, 0)]
     assert s["image"].shape == (3, 64, 64) and set(s["label"].unique().tolist()) <= {0, 1}

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from hpc_seg.cli import main
-from hpc_seg.data.split import check_split, ensure_split, load_split, make_split
+from hpc_seg.data.split import check_split, make_split, read_split, read_split_file
 from hpc_seg.errors import SplitError
 
 
@@ -32,7 +32,7 @@ def test_leak_fails_loudly(tmp_path):
     p = tmp_path / "split.json"
     p.write_text(json.dumps(bad))
     with pytest.raises(SplitError, match=str(p)):
-        load_split(p)
+        read_split_file(p)
 
 
 def test_unknown_case_fails():
@@ -40,10 +40,16 @@ def test_unknown_case_fails():
         check_split({"train": ["zz"], "val": [], "test": []}, {"a"})
 
 
-def test_split_file_on_store(phantom_store, capsys):
-    out = phantom_store.parent / "split-test.json"
-    assert main(["split", str(phantom_store), "--seed", "4", "--out", str(out)]) == 0
-    s = load_split(out)
+def test_split_on_store_and_from_file(phantom_store, tmp_path, capsys):
+    assert main(["split", str(phantom_store), "--seed", "4"]) == 0
+    s = read_split(phantom_store, 4)
     assert sum(len(v) for v in s.values()) == 6 and all(s.values())
-    again = ensure_split(phantom_store, out, 0.2, 0.2, 4)
-    assert again == s
+    assert "preprocessing plan" in capsys.readouterr().out
+    mine = {"train": s["train"][:2], "val": s["val"], "test": s["test"]}
+    f = tmp_path / "fold.json"
+    f.write_text(json.dumps(mine))
+    assert main(["split", str(phantom_store), "--seed", "104", "--from", str(f)]) == 0
+    assert read_split(phantom_store, 104) == mine
+    f.write_text(json.dumps({"train": ["lits_0000"], "val": ["lits_0000"], "test": []}))
+    assert main(["split", str(phantom_store), "--seed", "105", "--from", str(f)]) == 2
+    assert "leakage" in capsys.readouterr().err

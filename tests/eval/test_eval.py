@@ -80,7 +80,7 @@ def test_reorientation_round_trip_all_orientations(phantom_dir):
         assert np.array_equal(again, labels)
 
 
-def test_bad_inputs(trained, phantom_store, phantom_dir, kvasir_subset, tmp_path, capsys):
+def test_bad_inputs(trained, phantom_store, phantom_dir, synthetic_rgb, tmp_path, capsys):
     model = tmp_path / "m.safetensors"
     assert main(["export", str(trained[2]), "--out", str(model)]) == 0
     four_d = tmp_path / "4d.nii.gz"
@@ -105,9 +105,9 @@ def test_bad_inputs(trained, phantom_store, phantom_dir, kvasir_subset, tmp_path
     assert main(["export", str(other), "--out", str(tmp_path / "y.safetensors")]) == 2
     assert "do not fit" in capsys.readouterr().err
     # a CT model on an RGB (Kvasir) store
-    from hpc_seg.data.convert import convert
+    from hpc_seg.data.prepare import prepare
 
-    convert("kvasir", kvasir_subset, tmp_path / "kv.zarr", show_progress=False)
+    prepare("kvasir", synthetic_rgb, tmp_path / "kv.zarr", show_progress=False)
     assert main(["evaluate", str(model), "--data", str(tmp_path / "kv.zarr"), "--split", "all",
                  "--out", str(tmp_path / "e")]) == 2
     assert "holds kvasir data" in capsys.readouterr().err
@@ -115,6 +115,7 @@ def test_bad_inputs(trained, phantom_store, phantom_dir, kvasir_subset, tmp_path
     assert main(["evaluate", str(model), "--data", str(tmp_path / "nope.zarr"), "--out", str(tmp_path / "e")]) == 2
 
 
+@pytest.mark.shared_data
 def test_case_metrics_oracle_on_real_lits_masks():
     seg = nib.load(shared_path("lits-tiny") / "segmentation-0.nii")
     gt = np.rint(seg.get_fdata()).astype(np.uint8)

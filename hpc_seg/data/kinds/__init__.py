@@ -1,0 +1,98 @@
+"""Dataset kinds: one module per kind of source data, each the only place that knows its layout.
+
+A kind says how to find cases in a source directory (``discover``), how to read one case
+(``load``: image (C, Z, Y, X), label (Z, Y, X), spacing, metadata), and the facts every later
+step needs — classes, channels per slice, modality, default intensity window and
+normalisation, the sampling modes it allows. Conversion copies those facts into the store's root
+attributes, the split turns them into the preprocessing plan (``hpc_seg.data.plan``), and nothing
+after conversion asks for a kind by name.
+
+Registered: ``lits`` (LiTS17), ``phantom`` (the synthetic CT in LiTS layout), ``msd`` (any
+single-channel CT task of the Medical Segmentation Decathlon, through its ``dataset.json``) and
+``kvasir`` (Kvasir-SEG polyps). Adding a kind = one module calling :func:`register`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from hpc_seg.errors import HpcSegError
+
+
+@dataclass(frozen=True)
+class CaseSource:
+    case_id: str
+    image: Optional[Path]
+    label: Optional[Path]
+
+
+@dataclass
+class Discovered:
+    """What ``discover`` found: the cases and the facts of this source (classes may come from it)."""
+
+    cases: list[CaseSource]
+    classes: list[str]
+    extra: dict = field(default_factory=dict)  # e.g. the MSD task name
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """Args:
+        name: registry name (``hpc-seg prepare NAME …``).
+        modality: ``CT`` (int16 HU, one channel) or ``RGB`` (uint8, three channels).
+        classes: class names, 0 = background; None when the source defines them (MSD).
+        discover: ``(src_dir) -> Discovered``; raises InputDataError for a wrong layout.
+        load: ``(CaseSource, classes) -> (image, label, spacing, meta)``; InputDataError on bad files.
+        window: default HU window (CT).
+        normalize: default normalisation: ``minmax`` / ``zscore`` (CT) or ``rgb``.
+        rgb_mean, rgb_std: per-channel statistics for ``rgb``.
+        modes: sampling modes that make sense (RGB photos: ``2d`` only).
+    """
+
+    name: str
+    modality: str
+    classes: Optional[tuple[str, ...]]
+    discover: Callable[[Path], Discovered]
+    load: Callable
+    window: Optional[tuple[float, float]] = None
+    normalize: str = "minmax"
+    rgb_mean: tuple[float, ...] = ()
+    rgb_std: tuple[float, ...] = ()
+    modes: tuple[str, ...] = ("2d", "2.5d", "3d")
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.modality == "RGB" else 1
+
+    def store_info(self, classes: list[str]) -> dict:
+        """The facts written into the store's root attributes at conversion."""
+        return {"classes": list(classes), "channels": self.channels, "modality": self.modality,
+                "modes": list(self.modes),
+                "defaults": {"window": list(self.window) if self.window else None, "normalize": self.normalize,
+                             "rgb_mean": list(self.rgb_mean), "rgb_std": list(self.rgb_std)}}
+
+
+_KINDS: dict[str, DatasetKind] = {}
+
+
+def register(kind: DatasetKind) -> DatasetKind:
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def get_kind(name: str) -> DatasetKind:
+    _load_builtin()
+    if name not in _KINDS:
+        raise HpcSegError(f"unknown dataset kind '{name}' (registered: {', '.join(kind_names())})")
+    return _KINDS[name]
+
+
+def kind_names() -> list[str]:
+    _load_builtin()
+    return sorted(_KINDS)
+
+
+def _load_builtin() -> None:
+    from hpc_seg.data.kinds import kvasir, lits, msd  # noqa: F401  (each registers itself)

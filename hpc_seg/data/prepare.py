@@ -1,0 +1,85 @@
+"""Data preparation as one step: convert + index + split + preprocessing plan.
+
+Commands::
+
+    hpc-seg prepare lits   /data/LiTS17       /scratch/lits.zarr   --workers 8 --val 0.2 --test 0.2 --seed 0
+    hpc-seg prepare msd    /data/Task09_Spleen /scratch/spleen.zarr
+    hpc-seg prepare kvasir /data/Kvasir-SEG   /scratch/kvasir.zarr --val 0.1 --test 0.1
+
+Idempotent: complete cases are skipped, an existing split of the same seed is kept (with its
+plan), so a rerun after a crash or after fixing a bad file finishes the job. The training engine
+never imports this module: ``hpc-seg train`` calls :func:`prepare_for_config` in one process,
+before any distributed start-up, and a distributed launch without a prepared store is an error
+naming the command to run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpc_seg.data.convert import ConversionReport, convert
+from hpc_seg.data.plan import PreprocessingPlan, read_plan
+from hpc_seg.data.split import has_split, read_split, write_split
+from hpc_seg.data.store import read_meta
+from hpc_seg.errors import StoreError
+
+
+@dataclass
+class Prepared:
+    report: ConversionReport
+    split: dict
+    plan: PreprocessingPlan
+
+
+def prepare(kind: str, src, store, workers: int = 1, val: float = 0.2, test: float = 0.2, seed: int = 0,
+            show_progress: bool = True, resplit: bool = False) -> Prepared:
+    """Convert ``src`` into ``store``, then make the split of ``seed`` and its plan (kept when they
+    exist, unless ``resplit``). A split is made only from a conversion without failures."""
+    report = convert(kind, src, store, workers=workers, show_progress=show_progress)
+    if report.failed:
+        return Prepared(report, {}, None)
+    if resplit or not has_split(store, seed):
+        split = write_split(store, val, test, seed)
+    else:
+        split = read_split(store, seed)
+    return Prepared(report, split, read_plan(store, seed))
+
+
+def is_prepared(store, seed: int) -> bool:
+    store = Path(store)
+    return (store / "zarr.json").is_file() and read_meta(store, "index") is not None and has_split(store, seed)
+
+
+def prepare_command(cfg) -> str:
+    d = cfg.data
+    return (f"hpc-seg prepare {d.dataset} {d.source or 'SRC'} {d.store} --val {d.val_fraction} "
+            f"--test {d.test_fraction} --seed {d.split_seed}")
+
+
+def prepare_for_config(cfg, workers: int = 2, log=print) -> None:
+    """Make ``cfg.data.store`` ready for training (one process): convert ``data.source`` — or, for
+    the ``phantom`` kind without a source, a generated phantom — then split and plan."""
+    d = cfg.data
+    store = Path(d.store)
+    if is_prepared(store, d.split_seed):
+        return
+    if (store / "zarr.json").is_file() and read_meta(store, "index") is not None:
+        log(f"splitting {store} (seed {d.split_seed}) and computing its preprocessing plan")
+        write_split(store, d.val_fraction, d.test_fraction, d.split_seed)
+        return
+    source = d.source
+    if source is None:
+        if d.dataset != "phantom":
+            raise StoreError(f"{store}: no store and no data.source to prepare it from; run: {prepare_command(cfg)}")
+        from hpc_seg.data.phantom import write_lits_phantom
+
+        source = store.parent / "phantom-nifti"
+        log(f"generating a synthetic CT phantom in {source}")
+        write_lits_phantom(source, cases=8, shape=(128, 128, 32), seed=d.split_seed)
+    log(f"preparing {source} → {store}")
+    done = prepare(d.dataset, source, store, workers=workers, val=d.val_fraction, test=d.test_fraction,
+                   seed=d.split_seed)
+    if done.report.failed:
+        raise StoreError(f"{source}: conversion failed for {sorted(done.report.failed)}: " +
+                         "; ".join(done.report.failed.values()))
