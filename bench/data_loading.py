@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -32,13 +31,12 @@ import nibabel as nib
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # torch-importing modules are imported inside functions: conversion workers are spawned and
 # re-import this script, so heavy top-level imports would be charged to the conversion speed-up.
-from hpc_seg.data.convert import convert  # noqa: E402
-from hpc_seg.data.phantom import generate_case  # noqa: E402
-from hpc_seg.utils.atomic import atomic_write_json  # noqa: E402
+from hpc_seg.data.convert import convert
+from hpc_seg.data.phantom import generate_case
+from hpc_seg.utils.atomic import atomic_write_json
 
 
 def dir_bytes(path: Path) -> int:
@@ -69,6 +67,9 @@ def readers(store: Path, gz: Path, raw: Path, cases: int):
     from hpc_seg.config import load_config
     from hpc_seg.data.dataset import ZarrSliceDataset
 
+    from hpc_seg.data.split import write_split
+
+    write_split(store, 0.0, 0.0, 0)  # the plan that the dataset's preprocessing reads
     cfg = load_config(None, [f"data.store={store}", "data.mode=2.5d", "data.slices=3"]).data
     ids = [f"lits_{i:04d}" for i in range(cases)]
     ds = ZarrSliceDataset(store, ids, cfg, train=False)
@@ -158,7 +159,7 @@ def main(argv=None) -> dict:
         "targets": {"zarr_vs_a >=": 200, "zarr_vs_c >=": 0.7, "bytes_zarr_vs_nii <=": 0.45},
     }
     atomic_write_json(args.out, result)
-    from rich.console import Console  # noqa: E402
+    from rich.console import Console
     from rich.table import Table
 
     t = Table("measure", "value", title=f"data loading benchmark → {args.out}")

@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from hpc_seg.utils.atomic import atomic_write_json  # noqa: E402
+from hpc_seg.utils.atomic import atomic_write_json
 
 
 def formula(stage: int, n: int) -> float:

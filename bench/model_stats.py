@@ -11,17 +11,15 @@ FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmul/conv; 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from hpc_seg.models import build_model, count_parameters  # noqa: E402
-from hpc_seg.utils.atomic import atomic_write_json  # noqa: E402
+from hpc_seg.models import build_model, count_parameters
+from hpc_seg.utils.atomic import atomic_write_json
 
 REFERENCE = [
     ("unetpp", "base", {}),

@@ -6,15 +6,13 @@ TransUNet setting and of hpc-seg's scaled configs, and the largest batch per GPU
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from hpc_seg.config import load_config  # noqa: E402
-from hpc_seg.engine.planner import GIB, GPU_SIZES_GB, largest_batch, per_gpu_bytes, profile_model  # noqa: E402
-from hpc_seg.utils.atomic import atomic_write_json  # noqa: E402
+from hpc_seg.config import load_config
+from hpc_seg.engine.planner import GIB, GPU_SIZES_GB, largest_batch, per_gpu_bytes, profile_model
+from hpc_seg.utils.atomic import atomic_write_json
 
 SETTINGS = [  # (label, config, depth, batch, zero stage, precision, checkpointing, GPUs)
     ("paper: depth 6, batch 1, fp32, no ZeRO", "transunet_6l.yaml", 6, 1, 0, "fp32", False, 1),

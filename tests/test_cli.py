@@ -18,10 +18,16 @@ def test_demo_end_to_end(tmp_path):
     store = tmp_path / "demo" / "phantom.zarr"
     r = run("demo", "--set", f"data.store={store}", "--set", "data.size=[64,64]")
     assert r.returncode == 0, r.stderr
-    assert "samples streamed" in r.stdout and (store / "index.json").is_file()
+    assert "samples streamed" in r.stdout and (store / "meta" / "index" / "zarr.json").is_file()
     final = store.parent / "runs" / "demo" / "final.json"  # the main job ran (submitit local executor)
     assert final.is_file() and "validation mean IoU" in r.stdout
-    assert (store / "split-seed0.json").is_file()
+    assert (store / "meta" / "splits" / "seed0" / "zarr.json").is_file()
+    assert (store.parent / "runs" / "demo" / "plan.json").is_file()
+    import re
+
+    done = next(line for line in r.stdout.splitlines() if line.startswith("done:"))
+    assert not re.search(r"\d\.\d{4,}", done), done  # figures for people are rounded and labelled
+    assert "best mean IoU" in done
     r = run("inspect", str(store))
     assert r.returncode == 0 and "lits_0007" in r.stdout
 

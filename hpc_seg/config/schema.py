@@ -228,3 +228,12 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def validate(self) -> None:
+        """Constraints across sections."""
+        ds = self.deepspeed
+        if ds.offload_optimizer and ds.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs zero_stage 1, 2 or 3 (ZeRO-Offload)")
+        if ds.offload_optimizer and self.train.optimizer != "adamw":
+            raise ValueError("deepspeed.offload_optimizer runs DeepSpeed's CPU Adam (AdamW): DeepSpeed refuses "
+                             f"other optimizers with ZeRO-Offload; set train.optimizer adamw, not {self.train.optimizer}")

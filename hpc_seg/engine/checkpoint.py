@@ -8,10 +8,13 @@ Layout under ``RUN_DIR/checkpoints``::
     latest                        text: the newest complete tag (DeepSpeed reads it too)
     best                          text: the tag with the best validation mean IoU
 
-Writing is atomic: every rank saves into ``tmp-step…``, then rank 0 renames it, writes the
-manifest and only then points ``latest`` at it. Resume verifies the manifest (sizes, or sizes
-and checksums); a damaged checkpoint is skipped with a warning and the previous good one used.
-``keep_last`` newest checkpoints are kept, plus ``best``.
+Writing is atomic: every rank saves into ``tmp-step…``, then rank 0 renames it, every rank
+checksums its share of the files (round-robin over the sorted names), rank 0 writes the manifest
+and only then points ``latest`` at it. Resume: rank 0 lists the candidates (``latest`` first, then
+older ones) and broadcasts them, every rank verifies its share of each candidate's files (sizes, or
+sizes and checksums; round-robin, so it works at any world size) and all ranks take the first tag
+that no rank found damaged — they always load the same checkpoint. A damaged checkpoint is skipped
+with a warning. ``keep_last`` newest checkpoints are kept, plus ``best``.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from hpc_seg.engine.distributed import barrier
 from hpc_seg.errors import HpcSegError
+from hpc_seg.utils import collectives as coll
 from hpc_seg.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 TAG_RE = re.compile(r"^step(\d{8})$")
@@ -67,23 +70,29 @@ class CheckpointManager:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.root / tmp, ignore_errors=True)
-        barrier()
+        coll.barrier()
         engine.save_checkpoint(str(self.root), tag=tmp, client_state=client_state, save_latest=False)
         buf = _to_bytes(rank_state)
         atomic_write_bytes(self.root / tmp / f"rank_state_{self.rank:05d}.pt", buf)
-        barrier()
+        coll.barrier()
+        final = self.root / tag
         if self.rank == 0:
-            final = self.root / tag
             if final.exists():  # the same step saved again (e.g. signal right after a periodic save)
                 shutil.rmtree(final)
             (self.root / tmp).rename(final)
-            files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
-                     for p in sorted(final.rglob("*")) if p.is_file()}
+        coll.barrier()
+        names = _file_names(final)
+        mine = {n: {"size": (final / n).stat().st_size, "sha256": sha256(final / n)}
+                for n in names[self.rank::self.world_size]}  # each rank hashes its share
+        shares = coll.all_gather_object(mine)
+        if self.rank == 0:
+            files = {n: info for share in shares for n, info in share.items()}
             atomic_write_json(final / "manifest.json", {**meta, "step": step, "tag": tag,
-                                                        "world_size": self.world_size, "files": files})
+                                                        "world_size": self.world_size,
+                                                        "files": dict(sorted(files.items()))})
             atomic_write_text(self.root / "latest", tag)
             self._prune()
-        barrier()
+        coll.barrier()
         return tag
 
     def mark_best(self, tag: str) -> None:
@@ -109,14 +118,16 @@ class CheckpointManager:
         except OSError:
             return None
 
-    def verify(self, tag: str) -> str | None:
-        """None if the checkpoint is complete and intact, else the problem."""
+    def verify(self, tag: str, share: tuple[int, int] = (0, 1)) -> str | None:
+        """None if the checkpoint is complete and intact, else the problem. ``share`` = (i, n):
+        check only the files i, i+n, i+2n, … of the sorted manifest (one rank's part)."""
         d = self.root / tag
         try:
             manifest = json.loads((d / "manifest.json").read_text())
         except (OSError, ValueError) as exc:
             return f"no readable manifest ({exc.__class__.__name__})"
-        for name, info in manifest["files"].items():
+        items = sorted(manifest["files"].items())[share[0]::share[1]]
+        for name, info in items:
             p = d / name
             if not p.is_file():
                 return f"file {name} is missing"
@@ -146,12 +157,14 @@ class CheckpointManager:
         if wanted in candidates:
             candidates.remove(wanted)
             candidates.insert(0, wanted)
+        candidates = coll.broadcast_object(candidates, src=0)  # rank 0's view decides the order
         for tag in candidates:
-            problem = other.verify(tag)
-            if problem is None:
+            problems = [p for p in coll.all_gather_object(other.verify(tag, (self.rank, self.world_size))) if p]
+            if not problems:
                 return root, tag
-            warnings.warn(f"checkpoint {root / tag} is damaged ({problem}); trying the previous one",
-                          stacklevel=2)
+            if self.rank == 0:
+                warnings.warn(f"checkpoint {root / tag} is damaged ({problems[0]}); trying the previous one",
+                              stacklevel=2)
         raise CheckpointError(f"{root}: no intact checkpoint to resume from")
 
     @staticmethod
@@ -162,6 +175,10 @@ class CheckpointManager:
     def load_rank_state(root: Path, tag: str, rank: int) -> dict | None:
         p = Path(root) / tag / f"rank_state_{rank:05d}.pt"
         return torch.load(p, map_location="cpu", weights_only=False) if p.is_file() else None
+
+
+def _file_names(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
 
 
 def _to_bytes(obj) -> bytes:

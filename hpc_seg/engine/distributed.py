@@ -1,5 +1,6 @@
 """Distributed initialisation from the environment: torchrun, SLURM (srun, one task per GPU) or a
-single process. CPU uses gloo with ``DS_ACCELERATOR=cpu``; CUDA uses nccl.
+single process. CPU uses gloo with ``DS_ACCELERATOR=cpu``; CUDA uses nccl. Collectives are not
+here: they are in ``hpc_seg/utils/collectives.py``.
 
 Order of precedence: torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``;
 else SLURM's ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` with the first host of
@@ -14,6 +15,8 @@ import socket
 from dataclasses import dataclass
 
 import torch
+
+from hpc_seg.utils import collectives as coll
 
 if not torch.cuda.is_available():  # must be set before deepspeed is imported anywhere
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -80,8 +83,7 @@ def init_distributed(env: DistEnv | None = None) -> DistEnv:
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(dist_backend=coll.backend_name(), auto_mpi_discovery=False, verbose=False)
     return env
 
 
@@ -89,21 +91,5 @@ def device_for(env: DistEnv) -> torch.device:
     return torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_max(value: float) -> float:
-    """Maximum of ``value`` over ranks (a cheap agreement primitive: stop flags, batch counts)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    if torch.cuda.is_available():
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+barrier = coll.barrier  # collectives live in hpc_seg/utils/collectives.py (device-correct)
+all_max = coll.all_max

@@ -31,6 +31,7 @@ from hpc_seg.engine.optim import build_optimizer, build_scheduler
 from hpc_seg.engine.runlog import RunLog
 from hpc_seg.engine.validation import validate
 from hpc_seg.errors import HpcSegError
+from hpc_seg.utils import collectives as coll
 from hpc_seg.utils.atomic import atomic_write_json, atomic_write_text
 
 EXIT_OK, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 3, 75
@@ -130,7 +131,7 @@ class Trainer:
 
             apply_activation_checkpointing(model)
         check_precision_supported(cfg.deepspeed.precision)
-        optimizer = build_optimizer(model, tr)
+        optimizer = build_optimizer(model, tr, offload=cfg.deepspeed.offload_optimizer)
         self.ds_config = deepspeed_config(cfg, self.env.world_size)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.env.rank, self.env.world_size,
                                       cfg.checkpoint.keep_last, cfg.checkpoint.verify)
@@ -212,12 +213,10 @@ class Trainer:
         """Give every rank rank 0's buffers (BN running statistics): each rank's statistics drift
         apart, checkpoints hold rank 0's, and validation must judge the model that is saved.
         Running statistics do not enter the training forward pass, so the weights are unaffected."""
-        import torch.distributed as dist
-
         if self.env.world_size > 1:
             for buf in self.engine.module.buffers():
                 if buf is not None and buf.is_floating_point():
-                    dist.broadcast(buf, src=0)
+                    coll.broadcast(buf, src=0)
 
     def validate(self) -> dict:
         self._broadcast_buffers()
@@ -247,7 +246,7 @@ class Trainer:
 
     def save(self) -> str:
         meta = {"zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.cfg.deepspeed.precision,
-                "model": self.cfg.model.name, "code_version": code_version()}
+                "model": self.cfg.model.name, "code_version": code_version(), "config": to_dict(self.cfg)}
         rank_state = {"rng": rng_state(), "rank": self.env.rank}
         tag = self.ckpt.save(self.engine, self.step, self.state_dict(), rank_state, meta)
         self._saved_step = self.step
@@ -262,6 +261,7 @@ class Trainer:
             return None
         root, tag = found
         manifest = CheckpointManager.manifest(root, tag)
+        self._check_resume_config(root / tag, manifest.get("config"))
         saved_world = int(manifest["world_size"])
         if saved_world == self.env.world_size or int(manifest.get("zero_stage", 0)) == 0:
             return root, tag, saved_world
@@ -273,6 +273,21 @@ class Trainer:
         hdist.barrier()
         self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         return universal, tag, saved_world
+
+    def _check_resume_config(self, where: Path, saved: dict | None) -> None:
+        """Refuse configs that change shapes or optimizer state; warn where the course changes."""
+        from hpc_seg.engine.resume_check import compare
+
+        if saved is None:  # checkpoints written before configs were recorded in the manifest
+            return
+        refused, warned, other = compare(saved, to_dict(self.cfg))
+        if refused:
+            raise HpcSegError(f"{where}: cannot resume with this config; these keys change tensor shapes or the "
+                              f"optimizer state: " + "; ".join(refused) + ". Restore them or start a new run directory")
+        if self.env.is_main:
+            for line in warned:
+                warnings.warn(f"resuming {where} with a changed config: {line}", stacklevel=2)
+        self._config_changes = {"warned": warned, "other": other}
 
     def load(self, root: Path, tag: str, saved_world: int) -> None:
         """Restore model, optimizer, scheduler, loss scaler (DeepSpeed) and our state."""
@@ -290,7 +305,8 @@ class Trainer:
         if rank_state is not None and saved_world == self.env.world_size:
             set_rng_state(rank_state["rng"])
         self.log.write({"type": "resume", "step": self.step, "from": str(root / tag),
-                        "saved_world_size": saved_world, "world_size": self.env.world_size})
+                        "saved_world_size": saved_world, "world_size": self.env.world_size,
+                        "config_changes": getattr(self, "_config_changes", None)})
 
     # ------------------------------------------------------------------ loop
     def _after_optimizer_step(self, losses: list[float], t0: float, samples: int) -> int | None:
@@ -394,8 +410,4 @@ class Trainer:
         return EXIT_OK
 
     def close(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            hdist.barrier()
-            dist.destroy_process_group()
+        coll.destroy()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from hpc_seg.utils import collectives as coll
 
 
 def _ratio(num: float, den: float):
@@ -94,14 +94,13 @@ class SegmentationMetrics:
         self.per_case[cid] = self.per_case.get(cid, torch.zeros(c, 3, dtype=torch.int64)) + counts
 
     def all_reduce(self) -> None:
-        """Sum counts over all ranks (no-op without an initialised process group)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        """Sum counts over all ranks (no-op without an initialised process group). The counts are CPU
+        tensors; ``hpc_seg.utils.collectives`` carries them to the GPU under NCCL and back."""
+        if not coll.active():
             return
         for name in ("confusion", "pr_hist"):
-            t = getattr(self, name)
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, {k: v.tolist() for k, v in self.per_case.items()})
+            coll.all_reduce(getattr(self, name), "sum")
+        gathered = coll.all_gather_object({k: v.tolist() for k, v in self.per_case.items()})
         merged: dict[str, torch.Tensor] = {}
         for part in gathered:
             for cid, counts in part.items():
