@@ -21,7 +21,7 @@ from pathlib import Path
 from hpc_seg.data.convert import ConversionReport, convert
 from hpc_seg.data.plan import PreprocessingPlan, read_plan
 from hpc_seg.data.split import has_split, read_split, write_split
-from hpc_seg.data.store import read_meta
+from hpc_seg.data.store import has_meta
 from hpc_seg.errors import StoreError
 
 
@@ -48,7 +48,7 @@ def prepare(kind: str, src, store, workers: int = 1, val: float = 0.2, test: flo
 
 def is_prepared(store, seed: int) -> bool:
     store = Path(store)
-    return (store / "zarr.json").is_file() and read_meta(store, "index") is not None and has_split(store, seed)
+    return (store / "zarr.json").is_file() and has_meta(store, "index") and has_split(store, seed)
 
 
 def prepare_command(cfg) -> str:
@@ -64,7 +64,7 @@ def prepare_for_config(cfg, workers: int = 2, log=print) -> None:
     store = Path(d.store)
     if is_prepared(store, d.split_seed):
         return
-    if (store / "zarr.json").is_file() and read_meta(store, "index") is not None:
+    if (store / "zarr.json").is_file() and has_meta(store, "index"):
         log(f"splitting {store} (seed {d.split_seed}) and computing its preprocessing plan")
         write_split(store, d.val_fraction, d.test_fraction, d.split_seed)
         return

@@ -128,6 +128,6 @@ def read_split(store: str | Path, seed: int) -> dict[str, list[str]]:
 
 
 def has_split(store: str | Path, seed: int) -> bool:
-    from hpc_seg.data.store import read_meta
+    from hpc_seg.data.store import has_meta
 
-    return read_meta(store, split_key(seed)) is not None
+    return has_meta(store, split_key(seed))

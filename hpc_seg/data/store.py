@@ -103,6 +103,11 @@ def read_meta(store_path: str | Path, key: str) -> dict | None:
         raise StoreError(f"{path}: damaged store metadata ({exc}); rerun 'hpc-seg prepare'") from None
 
 
+def has_meta(store_path: str | Path, key: str) -> bool:
+    """Whether ``meta/<key>`` exists (without reading it: the index can be megabytes)."""
+    return Path(store_path).joinpath("meta", *key.split("/"), "zarr.json").is_file()
+
+
 def list_meta(store_path: str | Path, key: str) -> list[str]:
     """Names of the groups under ``meta/<key>`` (e.g. the split seeds)."""
     d = Path(store_path).joinpath("meta", *key.split("/"))

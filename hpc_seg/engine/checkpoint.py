@@ -71,10 +71,11 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.root / tmp, ignore_errors=True)
         coll.barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp, client_state=client_state, save_latest=False)
-        buf = _to_bytes(rank_state)
-        atomic_write_bytes(self.root / tmp / f"rank_state_{self.rank:05d}.pt", buf)
-        coll.barrier()
+        error = _attempt(lambda: (engine.save_checkpoint(str(self.root), tag=tmp, client_state=client_state,
+                                                          save_latest=False),
+                                  atomic_write_bytes(self.root / tmp / f"rank_state_{self.rank:05d}.pt",
+                                                     _to_bytes(rank_state))))
+        self._agree_or_abort(error, tag, [tmp])
         final = self.root / tag
         if self.rank == 0:
             if final.exists():  # the same step saved again (e.g. signal right after a periodic save)
@@ -85,15 +86,33 @@ class CheckpointManager:
         mine = {n: {"size": (final / n).stat().st_size, "sha256": sha256(final / n)}
                 for n in names[self.rank::self.world_size]}  # each rank hashes its share
         shares = coll.all_gather_object(mine)
+        error = None
         if self.rank == 0:
             files = {n: info for share in shares for n, info in share.items()}
-            atomic_write_json(final / "manifest.json", {**meta, "step": step, "tag": tag,
-                                                        "world_size": self.world_size,
-                                                        "files": dict(sorted(files.items()))})
-            atomic_write_text(self.root / "latest", tag)
+            error = _attempt(lambda: atomic_write_json(final / "manifest.json", {
+                **meta, "step": step, "tag": tag, "world_size": self.world_size, "files": dict(sorted(files.items()))}))
+            if error is None:
+                error = _attempt(lambda: atomic_write_text(self.root / "latest", tag))
+        self._agree_or_abort(error, tag, [tag])
+        if self.rank == 0:
             self._prune()
         coll.barrier()
         return tag
+
+    def _agree_or_abort(self, error: str | None, tag: str, remove: list[str]) -> None:
+        """All ranks learn whether any rank failed to write; then the partial checkpoint is removed
+        and CheckpointError raised on every rank (``latest`` and older checkpoints untouched)."""
+        if coll.all_max(1.0 if error else 0.0) == 0:
+            return
+        errors = [e for e in coll.all_gather_object(error) if e]
+        if self.rank == 0:
+            for name in remove:
+                shutil.rmtree(self.root / name, ignore_errors=True)
+        coll.barrier()
+        previous = self._read_pointer("latest")
+        raise CheckpointError(f"{self.root}: writing checkpoint {tag} failed ({errors[0]}); it was removed and "
+                              f"nothing else changed: 'latest' still points to {previous or 'no checkpoint'}, "
+                              f"intact. Free space (df -h {self.root}) and rerun with --resume latest")
 
     def mark_best(self, tag: str) -> None:
         if self.rank == 0:
@@ -175,6 +194,16 @@ class CheckpointManager:
     def load_rank_state(root: Path, tag: str, rank: int) -> dict | None:
         p = Path(root) / tag / f"rank_state_{rank:05d}.pt"
         return torch.load(p, map_location="cpu", weights_only=False) if p.is_file() else None
+
+
+def _attempt(fn) -> str | None:
+    """Run a write; None on success, else one line (disk full shows as OSError, or as the
+    RuntimeError that torch.save raises for a failed write)."""
+    try:
+        fn()
+        return None
+    except (OSError, RuntimeError) as exc:
+        return f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
 
 
 def _file_names(d: Path) -> list[str]:

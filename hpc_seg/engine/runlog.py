@@ -4,6 +4,7 @@ TensorBoard, and a rich progress bar."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,8 +26,14 @@ class RunLog:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:  # e.g. disk full: training goes on; a failed checkpoint stops it clearly
+            if not getattr(self, "_warned", False):
+                print(f"hpc-seg train: warning: cannot append to {self.path} ({exc}); metrics are not logged",
+                      file=sys.stderr, flush=True)
+                self._warned = True
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "time", "epoch"):

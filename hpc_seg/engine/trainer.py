@@ -2,7 +2,9 @@
 load, save, fit, close). See ``hpc_seg/train.py`` for the commands that run it.
 
 Exit codes of ``fit``: 0 finished, 75 stopped by a signal after saving a checkpoint (requeue me),
-3 stopped after ``train.max_bad_steps`` consecutive non-finite losses (last good checkpoint kept).
+3 stopped after ``train.max_bad_steps`` consecutive non-finite losses (last good checkpoint kept),
+4 a checkpoint could not be written (e.g. disk full: the partial one is removed, ``latest`` and the
+previous checkpoints stay intact and loadable).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -25,7 +28,7 @@ from hpc_seg import __version__
 from hpc_seg.config import Config, to_dict
 from hpc_seg.data.plan import PLAN_FILE
 from hpc_seg.engine import distributed as hdist
-from hpc_seg.engine.checkpoint import CheckpointManager
+from hpc_seg.engine.checkpoint import CheckpointError, CheckpointManager
 from hpc_seg.engine.ds_config import deepspeed_config
 from hpc_seg.engine.optim import build_optimizer, build_scheduler
 from hpc_seg.engine.runlog import RunLog
@@ -34,7 +37,7 @@ from hpc_seg.errors import HpcSegError
 from hpc_seg.utils import collectives as coll
 from hpc_seg.utils.atomic import atomic_write_json, atomic_write_text
 
-EXIT_OK, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 3, 75
+EXIT_OK, EXIT_DIVERGED, EXIT_CHECKPOINT_FAILED, EXIT_PREEMPTED = 0, 3, 4, 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
@@ -393,8 +396,19 @@ class Trainer:
             if self.env.is_main:
                 print(f"hpc-seg train: error: {exc}", flush=True)
             return EXIT_DIVERGED
+        except CheckpointError as exc:
+            if self.env.is_main:
+                print(f"hpc-seg train: error: {exc}", file=sys.stderr, flush=True)
+            try:
+                self.log.write({"type": "stop", "step": self.step, "reason": str(exc)})
+            except OSError:
+                pass  # the log is on the same full disk
+            return EXIT_CHECKPOINT_FAILED
         finally:
-            self.log.close()
+            try:
+                self.log.close()
+            except OSError:
+                pass
 
     def _finish(self) -> int:
         last = self.history[-1]["step"] if self.history else -1

@@ -95,7 +95,9 @@ def submit(grid: str | None, points, local: bool, wait: bool) -> int:
     for p, job in zip(points, jobs):
         try:
             result = job.results()[0]  # one result per task; rank 0's is the run's
-            print(f"{p.name}: done, step {result.get('step')}, best {result.get('best')}")
+            best = result.get("best")
+            best_txt = f"best mean IoU {best[0]:.3f} at {best[1]}" if best else "no validation"
+            print(f"{p.name}: done, step {result.get('step')}, {best_txt}")
         except Exception as exc:  # the job's exception, as submitit re-raises it
             failed += 1
             print(f"{p.name}: failed: {exc}", file=sys.stderr)

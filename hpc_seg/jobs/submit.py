@@ -106,13 +106,24 @@ def executor_parameters(cfg: Config) -> dict:
     params = {"name": cfg.name, "nodes": s.nodes, "tasks_per_node": s.tasks_per_node,
               "cpus_per_task": s.cpus_per_task, "timeout_min": s.timeout_min,
               "slurm_signal_delay_s": s.signal_delay_s, "slurm_array_parallelism": s.array_parallelism,
-              "slurm_setup": list(s.setup), "slurm_additional_parameters": dict(s.extra)}
+              "slurm_setup": list(s.setup) + [requeue_trap(s.max_requeues)],
+              "slurm_srun_args": ["--kill-on-bad-exit=1"],  # one dead rank ends the step at once
+              "slurm_additional_parameters": dict(s.extra)}
     if s.gpus_per_node:
         params["gpus_per_node"] = s.gpus_per_node
     for key in ("partition", "mem", "account", "qos", "constraint"):
         if getattr(s, key):
             params[f"slurm_{key}"] = getattr(s, key)
     return params
+
+
+def requeue_trap(max_requeues: int) -> str:
+    """An EXIT trap: after srun, requeue the job if a rank was killed by a signal (hpc_seg/jobs/requeue.py)."""
+    import shlex
+    import sys
+
+    return (f"trap 'hpc_seg_rc=$?; {shlex.quote(sys.executable)} -m hpc_seg.jobs.requeue --rc $hpc_seg_rc "
+            f"--max-requeues {max_requeues}' EXIT")
 
 
 def make_executor(cfg: Config, folder: Path, local: bool) -> submitit.AutoExecutor:

@@ -14,7 +14,8 @@
 #SBATCH --wckey=submitit
 
 # setup
+trap 'hpc_seg_rc=$?; <PYTHON> -m hpc_seg.jobs.requeue --rc $hpc_seg_rc --max-requeues 3' EXIT
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output <FOLDER>/%j_%t_log.out --error <FOLDER>/%j_%t_log.err <PYTHON> -u -m submitit.core._submit <FOLDER>
+srun --unbuffered --output <FOLDER>/%j_%t_log.out --error <FOLDER>/%j_%t_log.err --kill-on-bad-exit=1 <PYTHON> -u -m submitit.core._submit <FOLDER>

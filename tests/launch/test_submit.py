@@ -116,3 +116,44 @@ def test_preemption_requeues_and_matches_uninterrupted(tmp_path, phantom_store, 
     _, a = final_weights(run)
     _, b = final_weights(tmp_path / "ref")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_requeue_decision_rules():
+    from hpc_seg.jobs.requeue import decide
+
+    assert decide(137, 0, 3)[0] and "SIGKILL" in decide(137, 0, 3)[1]  # OOM killer, kill -9, node fault
+    assert not decide(137, 3, 3)[0] and "max_requeues" in decide(137, 3, 3)[1]
+    for rc in (0, 1, 2, 3):  # done / exception (CUDA OOM) / bad config / diverged: never requeued
+        assert not decide(rc, 0, 3)[0]
+
+
+def test_killed_rank_ends_job_fast_and_requeues(tmp_path, phantom_store, slurm_cluster):
+    import os
+    import signal
+    import time
+
+    r = submit("--config", "tiny_cpu_2node.yaml", "--run-root", str(tmp_path),
+               *tiny_sets(phantom_store, 40), "--set", "checkpoint.every_steps=5", "--set", "deepspeed.zero_stage=2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = tmp_path / "tiny_cpu_2node"
+    ckpt = run / "checkpoints" / "latest"
+    assert wait_for(lambda: ckpt.is_file() and len(records(run, "train")) >= 8, timeout=300), "training did not start"
+    ranks = [json.loads((run / "ranks" / f"rank{i}.json").read_text()) for i in range(2)]
+    os.kill(ranks[1]["pid"], signal.SIGKILL)  # one rank dies mid-run (as under the OOM killer)
+    t0 = time.time()
+
+    def gone(pid):
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+
+    assert wait_for(lambda: gone(ranks[0]["pid"]), timeout=120), "the surviving rank outlived the 2-minute bound"
+    ended_s = time.time() - t0
+    assert wait_for(lambda: (run / "final.json").is_file(), timeout=600), "the job was not requeued and finished"
+    resume = records(run, "resume")
+    assert resume and resume[0]["step"] >= 5
+    restarted = json.loads((run / "ranks" / "rank0.json").read_text())
+    assert restarted["slurm_restart_count"] == "1" and json.loads((run / "final.json").read_text())["step"] == 40
+    assert ended_s < 120

@@ -49,7 +49,9 @@ def test_damaged_latest_is_skipped_by_all_ranks_alike(tmp_path, store):
     root = run / "checkpoints"
     names = sorted(CheckpointManager.manifest(root, "step00000004")["files"])
     victim = root / "step00000004" / names[1]  # verified by rank 1 (round-robin share)
-    victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other checksum
+    victim.write_bytes(bytes(data))
     res = run_train(run, store, QUICK + ["train.max_steps=6"], nproc=2, resume="latest")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "step00000004 is damaged" in res.stdout + res.stderr
@@ -70,3 +72,28 @@ def test_zero_offload_runs_cpu_adam(tmp_path, store):
     with pytest.raises(Exception, match="DeepSpeed refuses other optimizers"):
         load_config(None, ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true", "train.optimizer=sgd"])
     shutil.rmtree(run)
+
+
+def test_disk_full_while_checkpointing_keeps_latest(tmp_path, store):
+    """A size-limited tmpfs as run directory: the first checkpoint fits, the second does not."""
+    import subprocess
+
+    from tests.engine.conftest import final_weights
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], check=True)  # CI runs as root
+    try:
+        run = mnt / "run"
+        r = run_train(run, store, ["train.max_steps=6", "checkpoint.every_steps=2", "train.val_every_steps=0",
+                                   "deepspeed.zero_stage=0", "checkpoint.keep_last=5"], nproc=1)
+        assert r.returncode == 4, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "writing checkpoint step00000004 failed" in r.stderr and "'latest' still points to step00000002" \
+            in r.stderr and "Traceback" not in r.stderr
+        root = run / "checkpoints"
+        assert (root / "latest").read_text().strip() == "step00000002"
+        assert not (root / "tmp-step00000004").exists() and not (root / "step00000004").exists()
+        tag, weights = final_weights(run)  # verified and loadable
+        assert tag == "step00000002" and weights
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
