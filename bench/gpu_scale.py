@@ -3,6 +3,11 @@ samples/s with DeepSpeed fp16 ZeRO-2/3 ± activation checkpointing vs plain PyTo
 paper's setting). One GPU, one process; a configuration that runs out of memory is recorded as
 ``oom`` and larger batches of it are skipped. Writes JSON and a PNG.
 
+Beside each measurement: the memory planner's prediction (``hpc-seg plan``'s model, profile from
+``bench/results/planner_profile_transunet_512.json``) and the ratio measured / predicted, and the
+model FLOPs utilisation (3 × forward FLOPs per sample × samples/s ÷ peak) against the datasheet
+dense fp16/bf16 peak of the card and against the bf16 matmul rate measured on it in the same run.
+
     python bench/gpu_scale.py                          # H100/H200, budget ≤ 8 minutes
     python bench/gpu_scale.py --toy                    # CPU, tiny model: proves the script runs
 
@@ -90,6 +95,74 @@ def run_one(mode: str, depth: int, batch: int, res: int, steps: int, toy: bool) 
     return {"samples_per_s": sps, "peak_bytes": peak}
 
 
+DATASHEET_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0}  # dense fp16/bf16
+
+
+def datasheet_peak(device: str) -> float | None:
+    for key, tflops in DATASHEET_TFLOPS.items():
+        if key in device:
+            return tflops * 1e12
+    return None
+
+
+def matmul_rate(n: int = 8192, reps: int = 20) -> float | None:
+    """Measured bf16 matmul FLOP/s of this GPU (None on the CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def forward_flops(depth: int, toy: bool, res: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build(depth, toy, ckpt=False).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(torch.zeros(1, 3, res, res))
+    return float(fc.get_total_flops())
+
+
+def planner_profile(toy: bool, res: int):
+    """The planner's profile: measured here for the toy model, from the CPU measurement for 512²."""
+    from hpc_seg.config import load_config
+    from hpc_seg.engine.planner import Profile, profile_model
+
+    if toy:
+        cfg = load_config(None, ["model.name=transunet", "model.size=tiny", f"data.size=[{res},{res}]"])
+        return profile_model(cfg, io=(3, 3))
+    path = ROOT / "bench" / "results" / "planner_profile_transunet_512.json"
+    return Profile.from_dict(json.loads(path.read_text())["profile"])
+
+
+def predicted(prof, mode: str, depth: int, batch: int) -> dict:
+    from hpc_seg.engine.planner import OVERHEAD_BYTES, per_gpu_bytes
+
+    if mode == "pytorch_fp32":
+        m = per_gpu_bytes(prof, depth, batch, 0, 1, "fp32", False)
+    else:
+        m = per_gpu_bytes(prof, depth, batch, 3 if "_z3" in mode else 2, 1, "fp16", mode.endswith("ckpt"))
+    return {"predicted_bytes": m["total"] - OVERHEAD_BYTES, "predicted_total_bytes": m["total"]}
+
+
+def annotate(row: dict, prof, fwd: float, peaks: dict) -> dict:
+    row.update(predicted(prof, row["mode"], row["depth"], row["batch"]))
+    if row.get("peak_bytes"):
+        row["ratio_measured_vs_predicted"] = row["peak_bytes"] / row["predicted_bytes"]
+    row["train_flops_per_sample"] = 3 * fwd
+    for name, peak in peaks.items():
+        if peak:
+            row[f"mfu_vs_{name}"] = 3 * fwd * row["samples_per_s"] / peak
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--toy", action="store_true")
@@ -101,6 +174,10 @@ def main(argv=None):
 
     init_distributed()
     depths, batches, res, steps = ((1, 2), (1, 2), 32, 1) if args.toy else ((6, 12, 24), (1, 4, 16, 32, 64), 512, 3)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    peaks = {"datasheet": datasheet_peak(device), "measured_bf16_matmul": matmul_rate()}
+    prof = planner_profile(args.toy, res)
+    fwd = {d: forward_flops(d, args.toy, res) for d in depths}
     start, rows = time.time(), []
     for depth in depths:
         for mode in MODES:
@@ -110,14 +187,15 @@ def main(argv=None):
                     continue
                 try:
                     r = run_one(mode, depth, batch, res, steps, args.toy)
-                    rows.append({"depth": depth, "mode": mode, "batch": batch, "status": "ok", **r})
+                    rows.append(annotate({"depth": depth, "mode": mode, "batch": batch, "status": "ok", **r},
+                                         prof, fwd[depth], peaks))
                 except torch.OutOfMemoryError:
                     rows.append({"depth": depth, "mode": mode, "batch": batch, "status": "oom"})
                     torch.cuda.empty_cache()
                     break
                 print(json.dumps(rows[-1]), flush=True)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    atomic_write_json(args.out, {"device": device, "resolution": res, "rows": rows})
+    atomic_write_json(args.out, {"device": device, "resolution": res, "peak_flops": peaks,
+                                 "forward_flops_per_sample": fwd, "rows": rows})
     plot(rows, Path(args.out).with_suffix(".png"), device)
     return rows
 

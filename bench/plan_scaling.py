@@ -14,6 +14,7 @@ from hpc_seg.config import load_config
 from hpc_seg.engine.planner import GIB, GPU_SIZES_GB, largest_batch, per_gpu_bytes, profile_model
 from hpc_seg.utils.atomic import atomic_write_json
 
+PROFILE_FILE = ROOT / "bench" / "results" / "planner_profile_transunet_512.json"
 SETTINGS = [  # (label, config, depth, batch, zero stage, precision, checkpointing, GPUs)
     ("paper: depth 6, batch 1, fp32, no ZeRO", "transunet_6l.yaml", 6, 1, 0, "fp32", False, 1),
     ("paper model at batch 16, fp32, no ZeRO", "transunet_6l.yaml", 6, 16, 0, "fp32", False, 1),
@@ -38,6 +39,11 @@ def main() -> dict:
                      "largest_batch": fits})
     atomic_write_json(ROOT / "bench" / "results" / "plan_scaling.json", {"rows": rows, "resolution": 512,
                                                                           "note": "predicted by hpc-seg plan"})
+    b16 = next(p for (size, _), p in profiles.items() if size == "r50-vit-b16")
+    atomic_write_json(PROFILE_FILE, {"model": "transunet/r50-vit-b16", "resolution": 512, "in_channels": 3,
+                                     "num_classes": 3, "profile": b16.to_dict(),
+                                     "note": "measured on the CPU by bench/plan_scaling.py; bench/gpu_scale.py "
+                                             "puts its predictions beside GPU measurements"})
     print("| setting | params | per-GPU memory | of which activations | max batch 16/24/40/80 GB |")
     print("|---|---:|---:|---:|---|")
     for r in rows:

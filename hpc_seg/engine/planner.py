@@ -94,6 +94,15 @@ class Profile:
     def params(self, depth: int) -> int:
         return int(self.p0 + depth * self.p1)
 
+    def to_dict(self) -> dict:
+        return {"p0": self.p0, "p1": self.p1, "depth": self.depth,
+                "act": {str(ck): {f"{d},{b}": v for (d, b), v in a.items()} for ck, a in self.act.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Profile":
+        act = {ck == "True": {tuple(int(x) for x in k.split(",")): v for k, v in a.items()} for ck, a in d["act"].items()}
+        return cls(d["p0"], d["p1"], act, d["depth"])
+
     def activations(self, depth: int, batch: int, checkpointing: bool, precision: str) -> float:
         a = self.act[checkpointing]
         depths = sorted({d for d, _ in a})

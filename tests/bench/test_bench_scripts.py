@@ -54,4 +54,26 @@ def test_gpu_scale_script_runs_at_toy_size(tmp_path):
     modes = {row["mode"] for row in res["rows"] if row["status"] == "ok"}
     assert modes == {"pytorch_fp32", "ds_fp16_z2", "ds_fp16_z3", "ds_fp16_z2_ckpt", "ds_fp16_z3_ckpt"}
     assert all(row["samples_per_s"] > 0 for row in res["rows"] if row["status"] == "ok")
+    assert all(row["predicted_bytes"] > 0 and row["train_flops_per_sample"] > 0
+               for row in res["rows"] if row["status"] == "ok")  # planner prediction and FLOPs beside each row
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpu_check_runs_end_to_end_at_toy_size(tmp_path):
+    """The one-call GPU acceptance script, rehearsed on the CPU (bf16 for fp16, tiny TransUNet)."""
+    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", "OUT": str(tmp_path / "out"),
+           "GPU_CHECK_ARGS": "--toy"}
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=900,
+                       env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    parts = res["parts"]
+    assert parts["collectives"]["ok"] and parts["collectives"]["backend"] == "gloo"
+    fp = parts["fp16"]
+    for step in ("train", "resume", "export", "evaluate", "predict"):
+        assert fp[step]["rc"] == 0, (step, fp[step])
+    assert fp["resumed_from_step"] == 4 and fp["metrics"]["samples_per_s"] > 0
+    assert parts["bf16"]["train"]["rc"] == 0 and parts["scale"]["rc"] == 0 and parts["scale"]["rows_ok"] > 0
+    scale = json.loads((tmp_path / "out" / "gpu_scale.json").read_text())
+    row = next(r for r in scale["rows"] if r["status"] == "ok")
+    assert row["predicted_bytes"] > 0 and row["train_flops_per_sample"] > 0
