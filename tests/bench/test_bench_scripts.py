@@ -77,3 +77,13 @@ def test_gpu_check_runs_end_to_end_at_toy_size(tmp_path):
     scale = json.loads((tmp_path / "out" / "gpu_scale.json").read_text())
     row = next(r for r in scale["rows"] if r["status"] == "ok")
     assert row["predicted_bytes"] > 0 and row["train_flops_per_sample"] > 0
+
+
+def test_checkpoint_time_bench_toy(tmp_path):
+    out = tmp_path / "ct.json"
+    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu"}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "checkpoint_time.py"), "--toy", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["bytes"] > 0 and 0 < res["save_seconds"] < res["signal_delay_s"] and res["margin_s"] > 0
