@@ -8,6 +8,8 @@
     hpc-seg convert lits   /data/LiTS17       /scratch/lits.zarr --workers 8   # conversion alone
     hpc-seg convert msd    /data/Task03_Liver /scratch/msd.zarr
     hpc-seg convert kvasir /data/Kvasir-SEG   /scratch/kvasir.zarr
+    hpc-seg convert ircadb /data/3Dircadb1    /scratch/ircadb.zarr     # DICOM, folders or .zip
+    hpc-seg convert chaos  /data/CHAOS/Train_Sets/CT /scratch/chaos.zarr
     hpc-seg split   /scratch/lits.zarr --val 0.2 --test 0.2 --seed 0    # split + its preprocessing plan
     hpc-seg inspect /scratch/lits.zarr [--plan 0]
     hpc-seg config  --config configs/demo.yaml --set data.size=[128,128]   # print resolved config
@@ -50,6 +52,8 @@ def _print_report(report) -> int:
 
     Console(stderr=True).print(f"[green]{len(report.converted)} converted[/], {len(report.skipped)} already "
                                f"complete, [red]{len(report.failed)} failed[/] → {report.store}")
+    for cid, note in sorted(report.notes.items()):
+        print(f"  {cid}: {note}", file=sys.stderr)
     if report.failed:  # plain lines (no wrapping), so paths can be copied and grepped
         print("skipped cases (fix the file and rerun; converted cases are kept):", file=sys.stderr)
         for cid, err in sorted(report.failed.items()):

@@ -32,6 +32,7 @@ class ConversionReport:
     converted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already complete
     failed: dict[str, str] = field(default_factory=dict)  # case_id -> "file: problem"
+    notes: dict[str, str] = field(default_factory=dict)  # case_id -> what the reader left out, e.g.
 
     @property
     def ok(self) -> bool:
@@ -48,9 +49,10 @@ def convert_case(kind_name: str, src: CaseSource, store_path: str, classes: list
         return src.case_id, "failed", {"error": str(exc)}
     stats = case_stats(image, label, len(classes), spacing)
     unit = meta.pop("spacing_unit")
+    note = meta.pop("notes", "")
     zstore.write_case(store_path, src.case_id, image, label, {**meta, "case_id": src.case_id,
                       "stats": stats}, spacing, unit)
-    return src.case_id, "ok", None
+    return src.case_id, "ok", {"note": note} if note else None
 
 
 def _single_threaded_worker() -> None:
@@ -93,6 +95,8 @@ def convert(dataset: str, src: str | Path, out: str | Path, workers: int = 1,
                 if status == "failed":
                     report.failed[case_id] = info["error"]
                 else:
+                    if info and info.get("note"):
+                        report.notes[case_id] = info["note"]
                     (report.converted if status == "ok" else report.skipped).append(case_id)
                 progress.update(task, advance=1, description=case_id)
     finally:

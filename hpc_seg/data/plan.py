@@ -153,6 +153,8 @@ def _with_normalisation(plan: PreprocessingPlan, d=None, rgb: tuple | None = Non
     """Fill window/offset/scale from the normalisation choice and the training statistics
     (``rgb``: (mean, std) in [0, 1] units; default: the config's, else the plan's own)."""
     fg, c = plan.foreground, plan.channels
+    if plan.normalize == "rgb" and plan.modality != "RGB":
+        raise PlanError(f"data.normalize 'rgb' is for RGB images; {plan.kind} is {plan.modality}: use minmax or zscore")
     if plan.normalize == "rgb":
         if rgb is None and d is not None and d.rgb_mean is not None:
             rgb = (d.rgb_mean, d.rgb_std or [1.0] * c)

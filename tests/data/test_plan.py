@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from hpc_seg.cli import main
@@ -56,9 +57,9 @@ def test_impossible_pairs_refused(phantom_store):
         rgb.resolve(d)
     one = rgb.resolve(load_config(None, ["data.mode=2d", "loss.kind=bce_dice"]).data, "bce_dice")
     assert one.out_channels == 1 and one.num_classes == 2
-    p = probabilities(one, torch_logits := __import__("torch").zeros(1, 1, 2, 2))
-    assert p.shape == (1, 2, 2, 2) and float(p.sum(1).min()) == pytest.approx(1.0)
-    assert torch_logits.shape[1] == 1
+    p = probabilities(one, torch.full((1, 1, 2, 2), 2.0))  # one logit → [1 - σ, σ]
+    assert p.shape == (1, 2, 2, 2) and float(p[0, 1, 0, 0]) == pytest.approx(float(torch.sigmoid(torch.tensor(2.0))))
+    assert torch.allclose(p.sum(1), torch.ones(1, 2, 2))
 
 
 def test_metadata_lists_without_warnings_and_is_cheap(phantom_store):

@@ -8,8 +8,9 @@ attributes, the split turns them into the preprocessing plan (``hpc_seg.data.pla
 after conversion asks for a kind by name.
 
 Registered: ``lits`` (LiTS17), ``phantom`` (the synthetic CT in LiTS layout), ``msd`` (any
-single-channel CT task of the Medical Segmentation Decathlon, through its ``dataset.json``) and
-``kvasir`` (Kvasir-SEG polyps). Adding a kind = one module calling :func:`register`.
+single-channel CT task of the Medical Segmentation Decathlon, through its ``dataset.json``),
+``ircadb`` (3D-IRCADb-01, DICOM), ``chaos`` (CHAOS CT, DICOM + PNG masks) and ``kvasir``
+(Kvasir-SEG polyps). Adding a kind = one module calling :func:`register`.
 """
 
 from __future__ import annotations
@@ -95,4 +96,4 @@ def kind_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from hpc_seg.data.kinds import kvasir, lits, msd  # noqa: F401  (each registers itself)
+    from hpc_seg.data.kinds import chaos, ircadb, kvasir, lits, msd  # noqa: F401  (each registers itself)
