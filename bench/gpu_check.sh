@@ -9,14 +9,15 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_check}
+PY=${PYTHON:-python3}   # the GPU image's python3 holds PyTorch; elsewhere set PYTHON to your environment's
 mkdir -p "$OUT"
 # the carried wheels are cp312 (the GPU machine's Python); a rehearsal elsewhere uses its own environment
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "installing the carried wheels failed" >&2; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
   export PATH=/tmp/site/bin:$PATH
 fi
-export PYTHONUNBUFFERED=1
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-exec python3 bench/gpu_check.py --out "$OUT" ${GPU_CHECK_ARGS:-}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # the project itself, from this tree
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+exec "$PY" bench/gpu_check.py --out "$OUT" ${GPU_CHECK_ARGS:-}

@@ -62,7 +62,7 @@ def test_gpu_scale_script_runs_at_toy_size(tmp_path):
 def test_gpu_check_runs_end_to_end_at_toy_size(tmp_path):
     """The one-call GPU acceptance script, rehearsed on the CPU (bf16 for fp16, tiny TransUNet)."""
     env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", "OUT": str(tmp_path / "out"),
-           "GPU_CHECK_ARGS": "--toy"}
+           "GPU_CHECK_ARGS": "--toy", "PYTHON": sys.executable}
     r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=900,
                        env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

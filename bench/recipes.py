@@ -1,0 +1,99 @@
+"""Recipes that learn: train a shipped CPU config from a fresh checkout, evaluate on held-out data
+(the test split: never trained on, never used to choose anything), write JSON and a README row.
+
+    python bench/recipes.py --config configs/kvasir_cpu.yaml            # → bench/results/recipe_kvasir_cpu.json
+    python bench/recipes.py --config configs/kvasir_cpu.yaml --set train.max_steps=50 --out /tmp/r.json
+
+Reported: pooled IoU/Dice of the target class over all test images (``per_class.<class>``), the
+mean per-image IoU and Dice beside it (the figure most Kvasir-SEG papers quote), training minutes,
+the curve of validation IoU against minutes (validation split, PNG beside the JSON), samples/s.
+The checkpoint evaluated is ``best`` — chosen on the validation split during training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _per_image(res: dict, cls: str) -> dict:
+    rows = [r["per_class"].get(cls) or {} for r in res["per_case"]]
+    iou = [r["iou"] for r in rows if r.get("iou") is not None]
+    dice = [r["dice"] for r in rows if r.get("dice") is not None]
+    return {"mean_iou_per_image": sum(iou) / len(iou) if iou else None,
+            "mean_dice_per_image": sum(dice) / len(dice) if dice else None, "images": len(rows)}
+
+
+def _curve(run: Path, cls: str) -> list[dict]:
+    recs = _records(run)
+    t0 = recs[0]["time"]
+    return [{"minutes": round((r["time"] - t0) / 60, 2), "step": r["step"], "val_iou": r.get(f"iou_{cls}")}
+            for r in recs if r["type"] == "val"]
+
+
+def plot(curve: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot([c["minutes"] for c in curve], [c["val_iou"] for c in curve], marker="o")
+    ax.set(xlabel="training minutes (2 CPU cores)", ylabel="validation IoU", title=title, ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--target-class", default=None, help="default: the last class (polyp, tumour, liver)")
+    args = ap.parse_args(argv)
+    from hpc_seg.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    run = Path(args.run_dir or ROOT / "outputs" / "recipes" / cfg.name)
+    out = Path(args.out or ROOT / "bench" / "results" / f"recipe_{cfg.name}.json")
+    sets = [a for s in args.overrides for a in ("--set", s)]
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "hpc_seg", "train", "--config", args.config, "--run-dir", str(run),
+                    *sets], check=True, cwd=ROOT)
+    train_min = (time.time() - t0) / 60
+    ev = run / "eval-test"
+    subprocess.run([sys.executable, "-m", "hpc_seg", "evaluate", str(run), "--data", cfg.data.store, "--split", "test",
+                    "--out", str(ev), "--cpu", "--tag", "best"], check=True, cwd=ROOT)
+    res = json.loads((ev / "metrics.json").read_text())
+    cls = args.target_class or list(res["per_class"])[-1]
+    train = [r for r in _records(run) if r["type"] == "train"]
+    result = {"config": args.config, "overrides": args.overrides, "model": f"{cfg.model.name}/{cfg.model.size}",
+              "input": cfg.data.size, "steps": train[-1]["step"], "train_minutes_incl_prepare_and_val": train_min,
+              "samples_per_s": train[-1]["samples_per_s"], "test_images_or_cases": res["cases"],
+              "class": cls, "pooled_iou": res["per_class"][cls]["iou"], "pooled_dice": res["per_class"][cls]["dice"],
+              **_per_image(res, cls), "curve": _curve(run, cls), "best_checkpoint": json.loads(
+                  (run / "final.json").read_text())["best"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    plot(result["curve"], out.with_suffix(".png"), f"{cfg.name}: {cls} IoU vs minutes")
+    print(f"| {cfg.name} | {result['model']} {cfg.data.size[0]}² | {result['steps']} | {train_min:.1f} | "
+          f"{result['pooled_iou']:.3f} | {result['pooled_dice']:.3f} | {result['mean_iou_per_image']:.3f} | "
+          f"{result['mean_dice_per_image']:.3f} |")
+    return result
+
+
+if __name__ == "__main__":
+    main()
