@@ -56,7 +56,7 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     """Open an existing hpc-seg store (read-only by default); StoreError if absent or foreign."""
     path = Path(path)
     if not _is_zarr_dir(path):
-        raise StoreError(f"{path}: not a Zarr store (no zarr.json); run 'hpc-seg convert' first")
+        raise StoreError(f"{path}: not a Zarr store (no zarr.json); run 'hpc-seg prepare KIND SRC {path}' first")
     try:
         root = zarr.open_group(str(path), mode=mode)
     except Exception as exc:
