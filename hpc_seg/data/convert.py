@@ -32,7 +32,7 @@ class ConversionReport:
     converted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already complete
     failed: dict[str, str] = field(default_factory=dict)  # case_id -> "file: problem"
-    notes: dict[str, str] = field(default_factory=dict)  # case_id -> what the reader left out, e.g.
+    notes: dict[str, str] = field(default_factory=dict)  # case_id -> what the reader left out (IRCADb structures)
 
     @property
     def ok(self) -> bool:

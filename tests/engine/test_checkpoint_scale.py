@@ -15,7 +15,6 @@ QUICK = ["train.max_steps=4", "checkpoint.every_steps=2", "train.val_every_steps
 
 
 def test_compare_rules():
-    a = load_config(None, []).__dict__
     from hpc_seg.config import to_dict
 
     base = to_dict(load_config(None, []))
@@ -24,7 +23,7 @@ def test_compare_rules():
     refused, warned, rest = compare(base, other)
     assert any(r.startswith("model.size") for r in refused) and any(r.startswith("deepspeed.precision") for r in refused)
     assert warned == ["train.max_steps: 200 → 900 (moves the end of the learning-rate schedule)"]
-    assert rest == ["train.log_every_steps: 10 → 3"] and a
+    assert rest == ["train.log_every_steps: 10 → 3"]
 
 
 def test_resume_refuses_shape_changes_and_warns_on_course_changes(tmp_path, store):
