@@ -39,14 +39,21 @@ class ConversionReport:
         return not self.failed
 
 
-def convert_case(kind_name: str, src: CaseSource, store_path: str, classes: list[str]) -> tuple[str, str, dict | None]:
-    """Worker: convert one case. Returns (case_id, 'ok'|'skipped'|'failed', stats|error)."""
+def convert_case(kind_name: str, src: CaseSource, store_path: str, classes: list[str],
+                 store_classes: list[str] | None = None) -> tuple[str, str, dict | None]:
+    """Worker: convert one case. Returns (case_id, 'ok'|'skipped'|'failed', stats|error).
+    ``store_classes``: the store's, when the source marks only some of them (labels renumbered by
+    class name; the case records the classes it annotates)."""
     if zstore.case_complete(store_path, src.case_id):
         return src.case_id, "skipped", None
     try:
         image, label, spacing, meta = get_kind(kind_name).load(src, classes)
     except InputDataError as exc:
         return src.case_id, "failed", {"error": str(exc)}
+    if store_classes is not None and list(store_classes) != list(classes):
+        label = np.array([store_classes.index(c) for c in classes], np.uint8)[label]
+        meta["annotated"], meta["kind"] = list(classes), kind_name
+        classes = store_classes
     stats = case_stats(image, label, len(classes), spacing)
     unit = meta.pop("spacing_unit")
     note = meta.pop("notes", "")
@@ -78,6 +85,7 @@ def convert(dataset: str, src: str | Path, out: str | Path, workers: int = 1,
     found = kind.discover(Path(src))
     sources, classes = found.cases, found.classes
     root = zstore.create_or_open_store(out, dataset, kind.store_info(classes))
+    store_classes = list(root.attrs["hpc_seg"]["classes"])
     report = ConversionReport(Path(out))
     pool = None
     if workers > 1:
@@ -87,9 +95,10 @@ def convert(dataset: str, src: str | Path, out: str | Path, workers: int = 1,
         with _progress() if show_progress else _NullProgress() as progress:
             task = progress.add_task("", total=len(sources))
             if pool is None:
-                results = (convert_case(dataset, s, str(out), classes) for s in sources)
+                results = (convert_case(dataset, s, str(out), classes, store_classes) for s in sources)
             else:
-                futures = [pool.submit(convert_case, dataset, s, str(out), classes) for s in sources]
+                futures = [pool.submit(convert_case, dataset, s, str(out), classes, store_classes)
+                           for s in sources]
                 results = (f.result() for f in as_completed(futures))
             for case_id, status, info in results:
                 if status == "failed":
@@ -114,6 +123,8 @@ def rebuild_index(out: str | Path, root=None) -> Path:
     for cid in zstore.list_cases(root):
         attrs = root["cases"][cid].attrs["hpc_seg"]
         cases[cid] = {"stats": attrs["stats"], "source": attrs.get("source")}
+        if attrs.get("annotated") is not None:  # a source that marks only some of the store's classes
+            cases[cid]["annotated"] = attrs["annotated"]
     return write_index(out, meta["dataset"], meta["classes"], cases)
 
 

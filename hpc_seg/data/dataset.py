@@ -6,6 +6,8 @@
 * Items are addressed as ``(index, epoch)``; all randomness (foreground oversampling,
   augmentation) is drawn from ``Generator([seed, epoch, index])``, so a sample is identical
   whichever DataLoader worker or rank produces it, and a resumed run sees the same samples.
+* Each item carries its case's ``label_map`` (``hpc_seg.data.labels``): identity for a case that
+  annotates every class, else which class each model class counts as (partially labelled data).
 * Zarr arrays are opened lazily per process (after fork/spawn), never shared across workers.
 * ``ShardedSampler`` permutes items by (seed, epoch) and gives rank r the items ``perm[r::world]``;
   DataLoader workers split a rank's stream batch by batch, so each sample is read once per epoch
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from hpc_seg.config.schema import DataConfig
 from hpc_seg.data import store as zstore
 from hpc_seg.data.index import from_runs, read_index
+from hpc_seg.data.labels import case_label_map
 from hpc_seg.data.plan import PreprocessingPlan, model_input, read_plan
 from hpc_seg.data.transforms import augment, resize_label
 
@@ -51,6 +54,8 @@ class ZarrSliceDataset(Dataset):
         stats = [index["cases"][c]["stats"] for c in self.case_ids]
         self.depths = [s["shape"][0] for s in stats]
         self.fg_slices = [self._fg_slices(s) for s in stats]
+        self.label_maps = torch.tensor([case_label_map(self.plan, index, c, index["classes"]) for c in self.case_ids],
+                                       dtype=torch.int64).reshape(len(self.case_ids), -1)
         step = cfg.patch_depth if cfg.mode == "3d" else 1
         self.items = np.array([(ci, z) for ci, d in enumerate(self.depths) for z in range(0, d, step)],
                               dtype=np.int64).reshape(-1, 2)
@@ -115,7 +120,7 @@ class ZarrSliceDataset(Dataset):
         label = resize_label(torch.from_numpy(lab.astype(np.int64)), self.plan.size)
         if self.train and self.cfg.augment.enabled:
             image, label = augment(image, label, rng, self.cfg.augment)
-        return {"image": image.float(), "label": label, "case": ci, "z": z}
+        return {"image": image.float(), "label": label, "case": ci, "z": z, "label_map": self.label_maps[ci]}
 
 
 class ShardedSampler(Sampler):
@@ -170,4 +175,5 @@ def _collate(items: list[dict]) -> dict:
     return {"image": torch.stack([it["image"] for it in items]),
             "label": torch.stack([it["label"] for it in items]),
             "case": torch.tensor([it["case"] for it in items]),
-            "z": torch.tensor([it["z"] for it in items])}
+            "z": torch.tensor([it["z"] for it in items]),
+            "label_map": torch.stack([it["label_map"] for it in items])}

@@ -53,6 +53,8 @@ class PreprocessingPlan:
         mode, slices, patch_depth, size: sampling (``2d`` / ``2.5d`` with ``slices`` / ``3d``)
             and the model's input size (H, W); None until a training config resolves the plan.
         output: ``softmax`` (one logit per class) or ``sigmoid`` (one logit, binary).
+        merge: class → the class it lies inside (LiTS: tumour → liver), for cases that do not
+            annotate it (``hpc_seg.data.labels``).
         to_case_grid: how outputs return to the case grid.
     """
 
@@ -73,6 +75,7 @@ class PreprocessingPlan:
     patch_depth: int = 0
     size: Optional[tuple[int, int]] = None
     output: str = "softmax"
+    merge: dict = field(default_factory=dict)
     to_case_grid: str = "probabilities resized bilinearly to each slice's (Y, X) grid, argmax; slices map 1:1"
     version: int = PLAN_VERSION
 
@@ -140,13 +143,11 @@ class PreprocessingPlan:
         return _with_normalisation(plan, d)
 
     def check_data(self, info: dict, store) -> None:
-        """Refuse a store whose classes, channels or modality differ from the plan's."""
-        mine = (list(self.classes), self.channels, self.modality)
-        theirs = (list(info.get("classes", [])), info.get("channels"), info.get("modality"))
-        if mine != theirs:
-            raise PlanError(f"{store}: store holds {info.get('dataset')} data with classes {theirs[0]}, "
-                            f"{theirs[1]} channel(s), {theirs[2]}; the model's plan expects {self.kind} with "
-                            f"classes {mine[0]}, {mine[1]} channel(s), {mine[2]}")
+        """Refuse a store of another task (``hpc_seg.data.labels.store_label_lut`` says which
+        stores with fewer classes are accepted)."""
+        from hpc_seg.data.labels import store_label_lut
+
+        store_label_lut(self, info, store)
 
 
 def _with_normalisation(plan: PreprocessingPlan, d=None, rgb: tuple | None = None) -> PreprocessingPlan:
@@ -213,7 +214,7 @@ def plan_from_split(info: dict, index: dict, split: dict, seed: int) -> Preproce
     plan = PreprocessingPlan(kind=info["dataset"], modality=info["modality"], classes=tuple(info["classes"]),
                              channels=int(info["channels"]), split_seed=seed, train_cases=len(train),
                              train_digest=digest, foreground=fg, window=window,
-                             normalize=defaults.get("normalize") or "minmax")
+                             normalize=defaults.get("normalize") or "minmax", merge=dict(info.get("merge") or {}))
     if plan.normalize == "rgb":
         return _with_normalisation(plan, rgb=(defaults["rgb_mean"], defaults["rgb_std"]))
     if window is None and "p0.5" not in fg:

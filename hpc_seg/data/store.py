@@ -123,12 +123,7 @@ def create_or_open_store(path: str | Path, dataset: str, info: dict | None = Non
             pass  # an empty directory is fine to fill
         elif _is_zarr_dir(path):
             root = open_store(path, mode="r+")
-            have = dict(root.attrs["hpc_seg"])
-            if have.get("dataset") != dataset:
-                raise StoreError(f"{path}: store holds dataset '{have.get('dataset')}', refusing to add '{dataset}'")
-            if info and have.get("classes") != list(info.get("classes", have.get("classes"))):
-                raise StoreError(f"{path}: store has classes {have.get('classes')}, the source has "
-                                 f"{info.get('classes')}; convert into a new store")
+            _check_joining(path, root, dataset, info)
             return root
         else:
             raise StoreError(f"{path}: exists and is not an hpc-seg Zarr store; refusing to overwrite it")
@@ -136,6 +131,30 @@ def create_or_open_store(path: str | Path, dataset: str, info: dict | None = Non
     root.require_group("cases")
     root.attrs["hpc_seg"] = {"format": FORMAT, "dataset": dataset, **(info or {})}
     return root
+
+
+def _check_joining(path: Path, root: zarr.Group, dataset: str, info: dict | None) -> None:
+    """A source may join a store of its own kind with the same classes, or of another kind of the
+    same task whose classes are a subset of the store's (its cases then annotate only those:
+    ``hpc_seg.data.labels``). Anything else is refused, naming both."""
+    have = dict(root.attrs["hpc_seg"])
+    if not info:
+        if have.get("dataset") != dataset:
+            raise StoreError(f"{path}: store holds dataset '{have.get('dataset')}', refusing to add '{dataset}'")
+        return
+    mine, theirs = list(have.get("classes", [])), list(info.get("classes", []))
+    if have.get("dataset") == dataset:
+        if mine != theirs:
+            raise StoreError(f"{path}: store has classes {mine}, the source has {theirs}; convert into a new store")
+        return
+    same_data = (have.get("modality"), have.get("channels")) == (info.get("modality"), info.get("channels"))
+    if not same_data or not theirs or theirs[0] != mine[0] or not set(theirs) <= set(mine):
+        raise StoreError(f"{path}: store holds '{have.get('dataset')}' ({have.get('modality')}, classes {mine}); "
+                         f"a '{dataset}' source ({info.get('modality')}, classes {theirs}) may join it only with the "
+                         "same modality and classes that are a subset of the store's; convert into a new store")
+    kinds = list(have.get("kinds") or [have["dataset"]])
+    if dataset not in kinds:
+        root.attrs["hpc_seg"] = {**have, "kinds": kinds + [dataset]}
 
 
 def case_complete(store_path: str | Path, case_id: str) -> bool:

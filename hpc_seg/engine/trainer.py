@@ -194,12 +194,15 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _to_input(self, images: torch.Tensor) -> torch.Tensor:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.cfg.deepspeed.precision, torch.float32)
-        return images.to(self.device, dtype=dtype, non_blocking=True)
+        images = images.to(self.device, dtype=dtype, non_blocking=True)
+        if self.cfg.train.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def train_step(self, batch: dict) -> dict:
         """One micro-batch: forward, loss, backward, (boundary) optimizer step."""
         logits = self.engine(self._to_input(batch["image"]))
-        loss = self.loss_fn(logits, batch["label"].to(self.device))
+        loss = self.loss_fn(logits, batch["label"].to(self.device), batch["label_map"].to(self.device))
         bad = hdist.all_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0
         if bad and self.cfg.deepspeed.precision != "fp16":  # fp16: the dynamic loss scaler skips the step
             self.bad_steps += 1

@@ -16,11 +16,11 @@ from hpc_seg.metrics import SegmentationMetrics
 
 
 def case_batches(ds: ZarrSliceDataset, batch_size: int):
-    """Yield (images, labels, case ids) over all slices of the dataset's cases, in order."""
+    """Yield (images, labels, case ids, label maps) over all slices of the dataset's cases, in order."""
     for start in range(0, len(ds), batch_size):
         items = [ds[(i, 0)] for i in range(start, min(start + batch_size, len(ds)))]
         yield (torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items]),
-               [ds.case_ids[it["case"]] for it in items])
+               [ds.case_ids[it["case"]] for it in items], torch.stack([it["label_map"] for it in items]))
 
 
 @torch.no_grad()
@@ -32,8 +32,8 @@ def validate(forward, data_cfg, plan, case_ids: list[str], rank: int, world: int
     ds = ZarrSliceDataset(data_cfg.store, mine, data_cfg, train=False, plan=plan) if mine else None
     total = int(all_max(math.ceil(len(ds) / batch_size) if ds else 0))
     done = 0
-    for images, labels, cases in case_batches(ds, batch_size) if ds else ():
-        metrics.update(None, labels, case_ids=cases, probs=probabilities(plan, forward(images)))
+    for images, labels, cases, maps in case_batches(ds, batch_size) if ds else ():
+        metrics.update(None, labels, case_ids=cases, probs=probabilities(plan, forward(images)), label_maps=maps)
         done += 1
     pad = torch.zeros(1, plan.in_channels, *plan.size)
     while done < total:  # keep collectives in step (ZeRO-3 gathers parameters on every forward)

@@ -37,13 +37,18 @@ def _figures(p: np.ndarray, g: np.ndarray, spacing, surfaces: bool) -> dict:
     return fig
 
 
-def case_metrics(pred: np.ndarray, gt: np.ndarray, spacing, class_names: list[str]) -> dict:
+def case_metrics(pred: np.ndarray, gt: np.ndarray, spacing, class_names: list[str],
+                 annotated: set[int] | None = None) -> dict:
     """Figures per class (``label == c``; surface distances for foreground classes) for one case.
 
     For liver CT also ``liver+tumour`` (labels >= 1): the whole organ, as the LiTS liver score.
-    Undefined figures (e.g. Dice of a class absent from both masks) are None.
+    Undefined figures (e.g. Dice of a class absent from both masks) are None, as are all figures of
+    a class the case does not annotate (``annotated``: class indices; None = all).
     """
-    out = {name: _figures(pred == c, gt == c, spacing, c > 0) for c, name in enumerate(class_names)}
+    out = {name: (_figures(pred == c, gt == c, spacing, c > 0) if annotated is None or c in annotated
+                  else dict.fromkeys(("dice", "iou", "voe", "rvd", "precision", "recall", "voxels_gt",
+                                      "voxels_pred", "assd_mm", "mssd_mm")))
+           for c, name in enumerate(class_names)}
     if class_names[1:] == ["liver", "tumour"]:
         out["liver+tumour"] = _figures(pred >= 1, gt >= 1, spacing, True)
     return out

@@ -3,7 +3,11 @@
 ``--save-predictions`` also writes ``OUT/predictions/<case>.nii.gz`` on each case's original NIfTI
 grid (as ``hpc-seg predict`` does) or ``<case>.png`` masks at the source image size (RGB).
 The model's preprocessing plan (inside the model file or run directory) decides the input;
-a store whose classes or channels differ from the plan's is refused, naming both.
+any store of the same task is accepted: classes are matched by name, a store marking fewer
+classes than the model (a LiTS model on CHAOS: no tumour) is scored with the missing classes
+counted as the class they lie in (``metrics.json`` ``note`` says so), and cases that annotate
+only some classes get no figure for the others (``hpc_seg.data.labels``). Other channels,
+modality or classes are refused, naming both sides.
 
 Whole cases from the Zarr store, slice-wise inference, metrics over the whole evaluation
 (``SegmentationMetrics``) plus per-case LiTS figures (Dice, IoU, VOE, RVD, ASSD, MSSD in mm).
@@ -24,6 +28,7 @@ import torch
 
 from hpc_seg.data import store as zstore
 from hpc_seg.data.index import read_index
+from hpc_seg.data.labels import case_label_map, merged_note, store_label_lut
 from hpc_seg.data.split import SPLITS, read_split
 from hpc_seg.data.store import store_info
 from hpc_seg.errors import HpcSegError
@@ -51,7 +56,8 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
     predicted from its image alone; its label is read only afterwards, for the metrics."""
     store, out = Path(store), Path(out)
     model, cfg, plan = load_for_eval(source, tag)
-    plan.check_data(store_info(store), store)
+    info = store_info(store)
+    lut = store_label_lut(plan, info, store)  # store label value → model class (same task, by name)
     index = read_index(store)
     cases = _cases(store, plan, split, index)[:limit]
     if not cases:
@@ -70,10 +76,12 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
             pred = keep_largest(pred)
         if save_predictions:
             save_case_prediction(out / "predictions", cid, pred, dict(g.attrs["hpc_seg"]))
-        label = g["label"][...]  # read only now: nothing before the prediction depends on it
-        metrics.update(None, torch.from_numpy(label.astype(np.int64))[None], case_ids=[cid],
+        label = lut[g["label"][...]]  # read only now: nothing before the prediction depends on it
+        lmap = case_label_map(plan, index, cid, info["classes"])
+        metrics.update(None, torch.from_numpy(label)[None], case_ids=[cid], label_maps=torch.tensor([lmap]),
                        pred=torch.from_numpy(pred.astype(np.int64))[None], probs=torch.from_numpy(probs)[None])
-        extra[cid] = case_metrics(pred, label, index["cases"][cid]["stats"]["spacing"], names)
+        extra[cid] = case_metrics(np.asarray(lmap, np.uint8)[pred], label, index["cases"][cid]["stats"]["spacing"],
+                                  names, annotated=set(lmap))
         z = int(np.argmax((label > 0).sum(axis=(1, 2)))) if label.any() else label.shape[0] // 2
         shown[cid] = (z, image[:, z], label[z], pred[z])  # one slice per case for the overlays, not volumes
     seconds = time.perf_counter() - t0
@@ -84,7 +92,8 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
                 "seconds": seconds, "volumes_per_s": len(cases) / seconds, "device": str(device),
                 "tta": tta, "postprocess": postprocess, "model": cfg.model.name, "size": cfg.model.size,
                 "overrides": cfg.model.overrides, "params": sum(p.numel() for p in model.parameters()),
-                "name": cfg.name, "plan": plan.to_dict()})
+                "name": cfg.name, "plan": plan.to_dict(), "store_classes": list(info["classes"]),
+                "note": merged_note(plan, info["classes"])})
     _write(out, res, shown, names, source)
     return res
 
@@ -124,3 +133,5 @@ def print_summary(res: dict) -> None:
     t.add_row("mean", fmt(res["mean_iou"]), fmt(res["mean_dice"]), "", "", "")
     t.add_row("mean (fg)", fmt(res["mean_iou_foreground"]), fmt(res["mean_dice_foreground"]), "", "", "")
     Console().print(t)
+    if res.get("note"):
+        Console().print(f"[yellow]note:[/] {res['note']}")

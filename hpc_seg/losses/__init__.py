@@ -7,6 +7,11 @@ the target (optionally weighted). Unlike the paper's code the Dice term is diffe
 uses the probabilities, not the argmax. ``JaccardCELoss`` swaps Dice for soft IoU;
 ``BCEDiceLoss`` is for binary tasks with one logit channel. Deep-supervision outputs (a list of
 logits) are averaged.
+
+Partially labelled cases (``label_map``, ``hpc_seg.data.labels``): the probabilities of classes a
+case does not annotate are added to the class they lie in before CE and Dice, so a liver-only
+case teaches liver-vs-background and nothing about tumour; Dice of a class counts only the
+samples that annotate it (merged away, it has neither prediction nor target there).
 """
 
 from __future__ import annotations
@@ -59,15 +64,19 @@ class DiceCELoss(nn.Module):
         self.register_buffer("class_weights", None if class_weights is None
                              else torch.tensor(class_weights, dtype=torch.float32), persistent=False)
 
-    def _single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _single(self, logits: torch.Tensor, target: torch.Tensor, label_map=None) -> torch.Tensor:
         c = logits.shape[1]
         _check(logits, target, c)
         if self.class_weights is not None and self.class_weights.numel() != c:
             raise ValueError(f"loss: {self.class_weights.numel()} class weights for {c} classes")
         target = target.long()
         logits = logits.float()
-        ce = F.cross_entropy(logits, target, weight=self.class_weights)
-        probs = logits.softmax(1)
+        if _is_partial(label_map):
+            probs = merge_probabilities(logits.softmax(1), label_map)
+            ce = F.nll_loss(probs.clamp_min(1e-7).log(), target, weight=self.class_weights)
+        else:
+            ce = F.cross_entropy(logits, target, weight=self.class_weights)
+            probs = logits.softmax(1)
         onehot = F.one_hot(target, c).movedim(-1, 1).to(probs.dtype)
         overlap = soft_overlap(probs, onehot, self.smooth, self.jaccard)
         present = onehot.sum((0, *range(2, onehot.dim()))) > 0
@@ -77,10 +86,26 @@ class DiceCELoss(nn.Module):
         mean_overlap = (overlap * w).sum() / w.sum().clamp_min(1e-12)
         return self.dice_weight * (1 - mean_overlap) + self.ce_weight * ce
 
-    def forward(self, logits, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits, target: torch.Tensor, label_map: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(logits, (list, tuple)):
-            return torch.stack([self._single(lg, target) for lg in logits]).mean()
-        return self._single(logits, target)
+            return torch.stack([self._single(lg, target, label_map) for lg in logits]).mean()
+        return self._single(logits, target, label_map)
+
+
+def _is_partial(label_map) -> bool:
+    if label_map is None:
+        return False
+    ids = torch.arange(label_map.shape[1], device=label_map.device)
+    return bool((label_map != ids).any())
+
+
+def merge_probabilities(probs: torch.Tensor, label_map: torch.Tensor) -> torch.Tensor:
+    """(N, C, *S) probabilities → the same with each class's probability added to the class it
+    counts as on that sample's case (``label_map`` (N, C), ``hpc_seg.data.labels``): on a
+    liver-only case P(liver) becomes P(liver) + P(tumour), and P(tumour) 0."""
+    n, c = probs.shape[:2]
+    onehot = F.one_hot(label_map.long(), c).to(probs.dtype)  # (N, from, to)
+    return torch.einsum("nf...,nft->nt...", probs, onehot)
 
 
 class BCEDiceLoss(nn.Module):
@@ -101,7 +126,10 @@ class BCEDiceLoss(nn.Module):
         dice = (2 * (p * g).sum() + self.smooth) / (p.sum() + g.sum() + self.smooth)
         return self.dice_weight * (1 - dice) + self.ce_weight * bce
 
-    def forward(self, logits, target):
+    def forward(self, logits, target, label_map: torch.Tensor | None = None):
+        if _is_partial(label_map):
+            raise ValueError("BCEDiceLoss: one-logit binary output has no classes to merge for partially "
+                             "labelled cases; use dice_ce")
         if isinstance(logits, (list, tuple)):
             return torch.stack([self._single(lg, target) for lg in logits]).mean()
         return self._single(logits, target)
@@ -118,4 +146,4 @@ def build_loss(cfg) -> nn.Module:
     raise ConfigError(f"unknown loss kind '{cfg.kind}'")
 
 
-__all__ = ["DiceCELoss", "BCEDiceLoss", "build_loss", "soft_overlap"]
+__all__ = ["DiceCELoss", "BCEDiceLoss", "build_loss", "merge_probabilities", "soft_overlap"]

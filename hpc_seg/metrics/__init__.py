@@ -53,22 +53,36 @@ class SegmentationMetrics:
         self.confusion = torch.zeros(c, c, dtype=torch.int64)  # [target, prediction]
         self.per_case: dict[str, torch.Tensor] = {}  # case -> (C, 3) tp, fp, fn
         self.pr_hist = torch.zeros(2, self.pr_bins, dtype=torch.int64)  # [negatives, positives]
+        self.annotated: dict[str, list[int]] = {}  # case -> classes it annotates (partially labelled only)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor, case_ids=None, pred: torch.Tensor | None = None,
-               probs: torch.Tensor | None = None) -> None:
+               probs: torch.Tensor | None = None, label_maps: torch.Tensor | None = None) -> None:
         """Add a batch: ``logits`` (N, C, *S) (or hard predictions (N, *S)), ``target`` (N, *S).
 
         ``case_ids``: one id per batch item (slices of a case may come in any batch or rank).
         ``probs`` may replace ``logits`` (already softmaxed), and ``pred`` the argmax (e.g. after
         post-processing); the PR curve always uses the probabilities.
+        ``label_maps`` (N, C): partially labelled cases (``hpc_seg.data.labels``): predictions and
+        probabilities of classes an item's case does not annotate count as the class they lie in,
+        and that case's figures for those classes are left out (None), as is its PR contribution.
         """
         if probs is not None:
             probs = probs.float()
-        elif logits.dim() == target.dim() + 1:
+        elif logits is not None and logits.dim() == target.dim() + 1:
             probs = logits.float().softmax(1)
         if pred is None:
             pred = probs.argmax(1) if probs is not None else logits
+        keep_pr = None
+        if label_maps is not None:
+            label_maps = label_maps.long().cpu()
+            pred = torch.gather(label_maps, 1, pred.long().cpu().flatten(1)).view(pred.shape)
+            if probs is not None:
+                from hpc_seg.losses import merge_probabilities
+
+                probs = merge_probabilities(probs.cpu(), label_maps)
+            if self.pr_class is not None:
+                keep_pr = label_maps[:, self.pr_class] == self.pr_class
         if pred.shape != target.shape:
             raise ValueError(f"metrics: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
         c = self.num_classes
@@ -79,10 +93,15 @@ class SegmentationMetrics:
         if case_ids is not None:
             for i, cid in enumerate(case_ids):
                 self._add_case(str(cid), t[i], p[i])
+                if label_maps is not None:
+                    self.annotated[str(cid)] = sorted(set(label_maps[i].tolist()))
         if probs is not None and self.pr_class is not None:
-            prob = probs[:, self.pr_class].cpu().flatten()
+            prob, tt = probs[:, self.pr_class].cpu(), t
+            if keep_pr is not None:
+                prob, tt = prob[keep_pr], t[keep_pr]
+            prob = prob.flatten()
             bins = (prob * self.pr_bins).long().clamp_(0, self.pr_bins - 1)
-            positive = (t.flatten() == self.pr_class).long()
+            positive = (tt.flatten() == self.pr_class).long()
             self.pr_hist += torch.bincount(positive * self.pr_bins + bins,
                                            minlength=2 * self.pr_bins).reshape(2, self.pr_bins)
 
@@ -100,11 +119,12 @@ class SegmentationMetrics:
             return
         for name in ("confusion", "pr_hist"):
             coll.all_reduce(getattr(self, name), "sum")
-        gathered = coll.all_gather_object({k: v.tolist() for k, v in self.per_case.items()})
+        gathered = coll.all_gather_object(({k: v.tolist() for k, v in self.per_case.items()}, self.annotated))
         merged: dict[str, torch.Tensor] = {}
-        for part in gathered:
+        for part, annotated in gathered:
             for cid, counts in part.items():
                 merged[cid] = merged.get(cid, 0) + torch.tensor(counts, dtype=torch.int64)
+            self.annotated.update(annotated)
         self.per_case = merged
 
     def _class_figures(self) -> dict:
@@ -124,7 +144,11 @@ class SegmentationMetrics:
         for cid in sorted(self.per_case):
             counts = self.per_case[cid].double()
             figs = {}
+            marked = self.annotated.get(cid, range(self.num_classes))
             for i, name in enumerate(self.class_names):
+                if i not in marked:  # the case does not annotate this class: no figure, not a zero
+                    figs[name] = {"dice": None, "iou": None, "support": None}
+                    continue
                 tp, fp, fn = counts[i].tolist()
                 figs[name] = {"dice": _ratio(2 * tp, 2 * tp + fp + fn), "iou": _ratio(tp, tp + fp + fn),
                               "support": int(tp + fn)}

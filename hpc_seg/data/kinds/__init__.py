@@ -9,8 +9,9 @@ after conversion asks for a kind by name.
 
 Registered: ``lits`` (LiTS17), ``phantom`` (the synthetic CT in LiTS layout), ``msd`` (any
 single-channel CT task of the Medical Segmentation Decathlon, through its ``dataset.json``),
-``ircadb`` (3D-IRCADb-01, DICOM), ``chaos`` (CHAOS CT, DICOM + PNG masks) and ``kvasir``
-(Kvasir-SEG polyps). Adding a kind = one module calling :func:`register`.
+``ircadb`` (3D-IRCADb-01, DICOM), ``chaos`` (CHAOS CT, DICOM + PNG masks), ``totalseg``
+(TotalSegmentator CT, its liver mask) and ``kvasir`` (Kvasir-SEG polyps). Adding a kind = one
+module calling :func:`register`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class DatasetKind:
         normalize: default normalisation: ``minmax`` / ``zscore`` (CT) or ``rgb``.
         rgb_mean, rgb_std: per-channel statistics for ``rgb``.
         modes: sampling modes that make sense (RGB photos: ``2d`` only).
+        merge: ``(class, class it lies inside)`` pairs (LiTS: tumour in liver): on a case of another
+            source that does not annotate the class, it counts as the outer one (``hpc_seg.data.labels``).
     """
 
     name: str
@@ -62,6 +65,7 @@ class DatasetKind:
     rgb_mean: tuple[float, ...] = ()
     rgb_std: tuple[float, ...] = ()
     modes: tuple[str, ...] = ("2d", "2.5d", "3d")
+    merge: tuple[tuple[str, str], ...] = ()
 
     @property
     def channels(self) -> int:
@@ -70,7 +74,7 @@ class DatasetKind:
     def store_info(self, classes: list[str]) -> dict:
         """The facts written into the store's root attributes at conversion."""
         return {"classes": list(classes), "channels": self.channels, "modality": self.modality,
-                "modes": list(self.modes),
+                "modes": list(self.modes), "merge": dict(self.merge),
                 "defaults": {"window": list(self.window) if self.window else None, "normalize": self.normalize,
                              "rgb_mean": list(self.rgb_mean), "rgb_std": list(self.rgb_std)}}
 
@@ -96,4 +100,4 @@ def kind_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from hpc_seg.data.kinds import chaos, ircadb, kvasir, lits, msd  # noqa: F401  (each registers itself)
+    from hpc_seg.data.kinds import chaos, ircadb, kvasir, lits, msd, totalseg  # noqa: F401  (each registers itself)

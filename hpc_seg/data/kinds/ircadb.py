@@ -109,4 +109,5 @@ def load(src: CaseSource, classes: list[str]):
     return ct.data[None], label, ct.spacing, meta
 
 
-IRCADB = register(DatasetKind("ircadb", "CT", CLASSES, discover, load, window=(-100.0, 400.0)))
+IRCADB = register(DatasetKind("ircadb", "CT", CLASSES, discover, load, window=(-100.0, 400.0),
+                             merge=(("tumour", "liver"),)))

@@ -30,5 +30,6 @@ def discover(src: Path) -> Discovered:
     return Discovered(cases, list(CLASSES))
 
 
-LITS = register(DatasetKind("lits", "CT", CLASSES, discover, load_ct, window=(-100.0, 400.0)))
-PHANTOM = register(DatasetKind("phantom", "CT", CLASSES, discover, load_ct, window=(-100.0, 400.0)))
+MERGE = (("tumour", "liver"),)  # tumours lie in the liver: a liver-only label's liver includes them
+LITS = register(DatasetKind("lits", "CT", CLASSES, discover, load_ct, window=(-100.0, 400.0), merge=MERGE))
+PHANTOM = register(DatasetKind("phantom", "CT", CLASSES, discover, load_ct, window=(-100.0, 400.0), merge=MERGE))

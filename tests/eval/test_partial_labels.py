@@ -1,0 +1,63 @@
+"""Partially labelled data end to end: a run trained on LiTS-kind cases plus a liver-only
+TotalSegmentator CT, scored on a two-class store of the same task (tumour counted as liver) and
+refused on a store of another task."""
+
+import json
+import shutil
+
+import pytest
+
+from hpc_seg.cli import main
+from hpc_seg.data.convert import convert
+from hpc_seg.data.split import write_split
+from tests.conftest import FIXTURES
+from tests.engine.conftest import records, run_train
+
+SETS = ["data.size=[48,48]", "train.max_steps=8", "train.val_every_steps=4", "checkpoint.every_steps=0",
+        "deepspeed.zero_stage=1", "data.oversample=0.0"]
+
+
+@pytest.fixture(scope="module")
+def mixed_run(phantom_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("partial")
+    store = base / "mixed.zarr"
+    assert convert("lits", phantom_dir, store, show_progress=False).ok
+    shutil.copytree(FIXTURES / "totalseg-ct", base / "ts" / "s0001")
+    assert convert("totalseg", base / "ts", store, show_progress=False).ok
+    split = write_split(store, 0.15, 0.3, 0)
+    assert sum(len(v) for v in split.values()) == 7
+    run = base / "run"
+    r = run_train(run, store, SETS, nproc=1)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return run, base
+
+
+def test_training_on_mixed_annotations_learns_and_logs_finite_losses(mixed_run):
+    run, _ = mixed_run
+    losses = [r["loss"] for r in records(run, "train")]
+    assert losses and all(v == v for v in losses)
+
+
+def test_evaluate_on_two_class_store_scores_whole_liver(mixed_run, tmp_path):
+    run, base = mixed_run
+    two = base / "ts2.zarr"
+    convert("totalseg", base / "ts", two, show_progress=False)
+    assert main(["evaluate", str(run), "--data", str(two), "--split", "all", "--out", str(tmp_path / "ev"),
+                 "--tag", "latest", "--cpu"]) == 0
+    res = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert res["store_classes"] == ["background", "liver"]
+    assert "tumour counted as liver" in res["note"]
+    row = res["per_case"][0]["per_class"]
+    assert row["tumour"]["dice"] is None and row["liver+tumour"]["dice"] is not None
+    assert res["per_class"]["tumour"]["support"] == 0
+
+
+def test_evaluate_on_another_task_is_refused_naming_both(mixed_run, synthetic_rgb, tmp_path, capsys):
+    run, base = mixed_run
+    kv = base / "kv.zarr"
+    convert("kvasir", synthetic_rgb, kv, show_progress=False)
+    assert main(["evaluate", str(run), "--data", str(kv), "--split", "all", "--out", str(tmp_path / "ev"),
+                 "--tag", "latest", "--cpu"]) != 0
+    err = capsys.readouterr().err
+    assert "polyp" in err and "tumour" in err
+    assert not (tmp_path / "ev").exists()
