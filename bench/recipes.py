@@ -3,11 +3,19 @@
 
     python bench/recipes.py --config configs/kvasir_cpu.yaml            # → bench/results/recipe_kvasir_cpu.json
     python bench/recipes.py --config configs/kvasir_cpu.yaml --set train.max_steps=50 --out /tmp/r.json
+    python bench/recipes.py --config configs/liver_ct_cpu.yaml --heldout chaos:../shared/data/chaos-ct --postprocess
 
 Reported: pooled IoU/Dice of the target class over all test images (``per_class.<class>``), the
 mean per-image IoU and Dice beside it (the figure most Kvasir-SEG papers quote), training minutes,
 the curve of validation IoU against minutes (validation split, PNG beside the JSON), samples/s.
-The checkpoint evaluated is ``best`` — chosen on the validation split during training.
+The checkpoint evaluated is ``best`` — chosen on the validation split during training (the last
+one when the config has no validation split).
+
+``--heldout KIND:PATH`` scores a separate source instead of the test split (converted once into
+``outputs/recipes/heldout-KIND.zarr``, all its cases): for CT, the whole-liver Dice (liver ∪ tumour,
+per case, as the LiTS liver score) on a case never trained on; a store marking fewer classes than
+the model (CHAOS: liver only) is scored with tumour counted as liver. The tumour figures of the
+training store's LiTS cases are reported beside it, labelled as cases the model was trained on.
 """
 
 from __future__ import annotations
@@ -63,6 +71,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--target-class", default=None, help="default: the last class (polyp, tumour, liver)")
+    ap.add_argument("--heldout", default=None, metavar="KIND:PATH", help="score this source, not the test split")
+    ap.add_argument("--postprocess", action="store_true", help="evaluate with the largest-component filter")
     args = ap.parse_args(argv)
     from hpc_seg.config import load_config
 
@@ -74,25 +84,58 @@ def main(argv=None) -> dict:
     subprocess.run([sys.executable, "-m", "hpc_seg", "train", "--config", args.config, "--run-dir", str(run),
                     *sets], check=True, cwd=ROOT)
     train_min = (time.time() - t0) / 60
-    ev = run / "eval-test"
-    subprocess.run([sys.executable, "-m", "hpc_seg", "evaluate", str(run), "--data", cfg.data.store, "--split", "test",
-                    "--out", str(ev), "--cpu", "--tag", "best"], check=True, cwd=ROOT)
-    res = json.loads((ev / "metrics.json").read_text())
-    cls = args.target_class or list(res["per_class"])[-1]
     train = [r for r in _records(run) if r["type"] == "train"]
     result = {"config": args.config, "overrides": args.overrides, "model": f"{cfg.model.name}/{cfg.model.size}",
               "input": cfg.data.size, "steps": train[-1]["step"], "train_minutes_incl_prepare_and_val": train_min,
-              "samples_per_s": train[-1]["samples_per_s"], "test_images_or_cases": res["cases"],
-              "class": cls, "pooled_iou": res["per_class"][cls]["iou"], "pooled_dice": res["per_class"][cls]["dice"],
-              **_per_image(res, cls), "curve": _curve(run, cls), "best_checkpoint": json.loads(
-                  (run / "final.json").read_text())["best"]}
+              "samples_per_s": train[-1]["samples_per_s"], "postprocess": args.postprocess,
+              "best_checkpoint": json.loads((run / "final.json").read_text())["best"]}
+    if args.heldout:
+        result.update(_heldout(run, cfg, args.heldout, args.postprocess))
+    else:
+        res = _evaluate(run, cfg.data.store, "test", run / "eval-test", args.postprocess)
+        cls = args.target_class or list(res["per_class"])[-1]
+        result.update({"test_images_or_cases": res["cases"], "class": cls, "pooled_iou": res["per_class"][cls]["iou"],
+                       "pooled_dice": res["per_class"][cls]["dice"], **_per_image(res, cls), "curve": _curve(run, cls)})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    plot(result["curve"], out.with_suffix(".png"), f"{cfg.name}: {cls} IoU vs minutes")
-    print(f"| {cfg.name} | {result['model']} {cfg.data.size[0]}² | {result['steps']} | {train_min:.1f} | "
-          f"{result['pooled_iou']:.3f} | {result['pooled_dice']:.3f} | {result['mean_iou_per_image']:.3f} | "
-          f"{result['mean_dice_per_image']:.3f} |")
+    if result.get("curve"):
+        plot(result["curve"], out.with_suffix(".png"), f"{cfg.name}: {result['class']} IoU vs minutes")
+        print(f"| {cfg.name} | {result['model']} {cfg.data.size[0]}² | {result['steps']} | {train_min:.1f} | "
+              f"{result['pooled_iou']:.3f} | {result['pooled_dice']:.3f} | {result['mean_iou_per_image']:.3f} | "
+              f"{result['mean_dice_per_image']:.3f} |")
+    else:
+        print(json.dumps({k: v for k, v in result.items() if k != "training_cases"}, indent=1))
     return result
+
+
+def _evaluate(run: Path, store, split: str, out: Path, postprocess: bool) -> dict:
+    subprocess.run([sys.executable, "-m", "hpc_seg", "evaluate", str(run), "--data", str(store), "--split", split,
+                    "--out", str(out), "--cpu", "--tag", "best", *(["--postprocess"] if postprocess else [])],
+                   check=True, cwd=ROOT)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _case_figures(res: dict, names: list[str]) -> dict:
+    return {row["case"]: {n: row["per_class"][n]["dice"] for n in names if n in row["per_class"]}
+            for row in res["per_case"]}
+
+
+def _heldout(run: Path, cfg, spec: str, postprocess: bool) -> dict:
+    """Whole-liver Dice on a held-out source; tumour Dice on the training store's LiTS cases."""
+    kind, _, path = spec.partition(":")
+    store = ROOT / "outputs" / "recipes" / f"heldout-{kind}.zarr"
+    if not (store / "zarr.json").is_file():
+        subprocess.run([sys.executable, "-m", "hpc_seg", "convert", kind, path, str(store)], check=True, cwd=ROOT)
+    res = _evaluate(run, store, "all", run / f"eval-heldout-{kind}", postprocess)
+    seen = _evaluate(run, cfg.data.store, "all", run / "eval-training-cases", postprocess)
+    whole = [row["per_class"]["liver+tumour"]["dice"] for row in res["per_case"]]
+    return {"heldout": {"source": spec, "cases": res["cases"], "note": res.get("note"),
+                        "whole_liver_dice_per_case": _case_figures(res, ["liver+tumour"]),
+                        "whole_liver_dice_mean": sum(whole) / len(whole),
+                        "assd_mm": {r["case"]: r["per_class"]["liver+tumour"]["assd_mm"] for r in res["per_case"]}},
+            "training_cases": {"note": "cases the model was trained on: not a held-out figure",
+                               "dice": _case_figures(seen, ["liver", "tumour", "liver+tumour"])}}
+
 
 
 if __name__ == "__main__":

@@ -62,11 +62,20 @@ def _print_report(report) -> int:
     return 0
 
 
+def _kind_path(text: str) -> tuple[str, str]:
+    from hpc_seg.data.kinds import kind_names
+
+    kind, sep, path = text.partition(":")
+    if not sep or kind not in kind_names() or not path:
+        raise argparse.ArgumentTypeError(f"'{text}': expected KIND:PATH with KIND one of {', '.join(kind_names())}")
+    return kind, path
+
+
 def cmd_prepare(args) -> int:
     from hpc_seg.data.prepare import prepare
 
     done = prepare(args.dataset, args.src, args.out, workers=args.workers, val=args.val, test=args.test,
-                   seed=args.seed, show_progress=not args.quiet, resplit=args.resplit)
+                   seed=args.seed, show_progress=not args.quiet, resplit=args.resplit, extra=args.add)
     code = _print_report(done.report)
     if code:
         print("no split or plan written: rerun 'hpc-seg prepare' once the bad cases are fixed or removed",
@@ -239,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resplit", action="store_true", help="replace an existing split (and plan) of this seed")
+    p.add_argument("--add", action="append", default=[], type=_kind_path, metavar="KIND:PATH",
+                   help="another source of the same task into the same store (its classes a subset of the "
+                        "store's, e.g. totalseg:/data/TotalSegmentator for liver-only CTs); repeatable")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare)
 

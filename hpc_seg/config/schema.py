@@ -31,6 +31,16 @@ class AugmentConfig:
 
 
 @dataclass
+class SourceConfig:
+    """Another source prepared into the same store (``data.extra_sources``): a dataset kind of the
+    same task whose classes are a subset of the store's (e.g. ``totalseg`` liver-only CTs in a
+    LiTS store); its cases record the classes they annotate (``hpc_seg.data.labels``)."""
+
+    dataset: str
+    path: str
+
+
+@dataclass
 class DataConfig:
     """Where the data lives and how samples are cut from it.
 
@@ -44,6 +54,7 @@ class DataConfig:
     store: str = "outputs/phantom.zarr"
     dataset: str = "phantom"  # a registered dataset kind (hpc-seg prepare --help lists them)
     source: Optional[str] = None  # raw data that 'hpc-seg train' prepares when ``store`` is absent
+    extra_sources: list[SourceConfig] = field(default_factory=list)  # more sources into the same store
     split_seed: int = 0
     val_fraction: float = 0.2
     test_fraction: float = 0.2

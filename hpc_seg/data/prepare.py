@@ -5,6 +5,8 @@ Commands::
     hpc-seg prepare lits   /data/LiTS17       /scratch/lits.zarr   --workers 8 --val 0.2 --test 0.2 --seed 0
     hpc-seg prepare msd    /data/Task09_Spleen /scratch/spleen.zarr
     hpc-seg prepare kvasir /data/Kvasir-SEG   /scratch/kvasir.zarr --val 0.1 --test 0.1
+    hpc-seg prepare lits   /data/LiTS17       /scratch/liver.zarr --add totalseg:/data/TotalSegmentator \
+                                                                  --add chaos:/data/CHAOS/Train_Sets/CT
 
 Idempotent: complete cases are skipped, an existing split of the same seed is kept (with its
 plan), so a rerun after a crash or after fixing a bad file finishes the job. The training engine
@@ -33,10 +35,17 @@ class Prepared:
 
 
 def prepare(kind: str, src, store, workers: int = 1, val: float = 0.2, test: float = 0.2, seed: int = 0,
-            show_progress: bool = True, resplit: bool = False) -> Prepared:
-    """Convert ``src`` into ``store``, then make the split of ``seed`` and its plan (kept when they
-    exist, unless ``resplit``). A split is made only from a conversion without failures."""
+            show_progress: bool = True, resplit: bool = False, extra: list[tuple[str, str]] = ()) -> Prepared:
+    """Convert ``src`` (and each ``(kind, path)`` of ``extra``: sources of the same task that may
+    annotate fewer classes) into ``store``, then make the split of ``seed`` and its plan (kept when
+    they exist, unless ``resplit``). A split is made only from conversions without failures."""
     report = convert(kind, src, store, workers=workers, show_progress=show_progress)
+    for extra_kind, extra_src in extra:
+        more = convert(extra_kind, extra_src, store, workers=workers, show_progress=show_progress)
+        report.converted += more.converted
+        report.skipped += more.skipped
+        report.failed.update(more.failed)
+        report.notes.update(more.notes)
     if report.failed:
         return Prepared(report, {}, None)
     if resplit or not has_split(store, seed):
@@ -53,7 +62,8 @@ def is_prepared(store, seed: int) -> bool:
 
 def prepare_command(cfg) -> str:
     d = cfg.data
-    return (f"hpc-seg prepare {d.dataset} {d.source or 'SRC'} {d.store} --val {d.val_fraction} "
+    adds = "".join(f" --add {e.dataset}:{e.path}" for e in d.extra_sources)
+    return (f"hpc-seg prepare {d.dataset} {d.source or 'SRC'} {d.store}{adds} --val {d.val_fraction} "
             f"--test {d.test_fraction} --seed {d.split_seed}")
 
 
@@ -79,7 +89,7 @@ def prepare_for_config(cfg, workers: int = 2, log=print) -> None:
         write_lits_phantom(source, cases=8, shape=(128, 128, 32), seed=d.split_seed)
     log(f"preparing {source} → {store}")
     done = prepare(d.dataset, source, store, workers=workers, val=d.val_fraction, test=d.test_fraction,
-                   seed=d.split_seed)
+                   seed=d.split_seed, extra=[(e.dataset, e.path) for e in d.extra_sources])
     if done.report.failed:
         raise StoreError(f"{source}: conversion failed for {sorted(done.report.failed)}: " +
                          "; ".join(done.report.failed.values()))

@@ -58,6 +58,8 @@ def absolute_paths(cfg: Config) -> Config:
     d = cfg.data
     d.store = str(Path(d.store).resolve())
     d.source = str(Path(d.source).resolve()) if d.source else None
+    for extra in d.extra_sources:
+        extra.path = str(Path(extra.path).resolve())
     if cfg.model.pretrained:
         cfg.model.pretrained = str(Path(cfg.model.pretrained).resolve())
     return cfg
@@ -84,6 +86,9 @@ def validate_request(cfg: Config, run_dir: Path) -> list[str]:
                             f"{s.world_size} ranks need it ready: {prepare_command(cfg)}")
         elif source is not None and not source.exists():
             problems.append(f"data.store {store} is not a prepared store and data.source {source} does not exist")
+        for extra in d.extra_sources:
+            if not Path(extra.path).exists():
+                problems.append(f"data.extra_sources: {extra.dataset} source {extra.path} does not exist")
         elif source is None and d.dataset != "phantom" and not (store / "zarr.json").is_file():
             problems.append(f"data.store {store} does not exist: {prepare_command(cfg)}")
     if s.nodes > 1:
