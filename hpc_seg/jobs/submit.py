@@ -86,11 +86,11 @@ def validate_request(cfg: Config, run_dir: Path) -> list[str]:
                             f"{s.world_size} ranks need it ready: {prepare_command(cfg)}")
         elif source is not None and not source.exists():
             problems.append(f"data.store {store} is not a prepared store and data.source {source} does not exist")
+        elif source is None and d.dataset != "phantom" and not (store / "zarr.json").is_file():
+            problems.append(f"data.store {store} does not exist: {prepare_command(cfg)}")
         for extra in d.extra_sources:
             if not Path(extra.path).exists():
                 problems.append(f"data.extra_sources: {extra.dataset} source {extra.path} does not exist")
-        elif source is None and d.dataset != "phantom" and not (store / "zarr.json").is_file():
-            problems.append(f"data.store {store} does not exist: {prepare_command(cfg)}")
     if s.nodes > 1:
         for what, p in (("run directory", run_dir), ("data.store", store)):
             local = _under(p, s.node_local_paths)
