@@ -4,7 +4,9 @@ and conversion speed-up with 2 workers vs 1.
 A sample is 3 adjacent 512×512 int16 slices + the centre label slice, read into memory (numpy).
 Compared, on the same random (case, slice) list, page cache warm, one process:
 
-  zarr        hpc-seg's dataset read path (``ZarrSliceDataset.read``)
+  zarr        hpc-seg's dataset read path (``ZarrSliceDataset.read``) on the sharded store
+              (``hpc-seg/zarr-v3``: one shard file per array per case, crc32c-checked chunks)
+  zarr_unsharded  the same on an unsharded copy (``hpc-seg/zarr-v2``: one file per chunk)
   (a) whole   load the whole volume + segmentation per sample (``.nii.gz`` and ``.nii``), then slice
   (b) proxy   nibabel ArrayProxy slicing of ``.nii.gz`` (image objects kept open)
   (c) mmap    nibabel mmap slicing of uncompressed ``.nii`` (image objects kept open), copied out
@@ -20,7 +22,6 @@ Figures are ratios measured in one run (machines are noisy); see README "Benchma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -63,16 +64,22 @@ def time_per_sample(fn, samples) -> float:
     return (time.perf_counter() - t0) / len(samples)
 
 
-def readers(store: Path, gz: Path, raw: Path, cases: int):
+def files_in(path: Path) -> int:
+    return sum(1 for f in Path(path).rglob("*") if f.is_file())
+
+
+def _dataset(store: Path, cases: int):
     from hpc_seg.config import load_config
     from hpc_seg.data.dataset import ZarrSliceDataset
-
     from hpc_seg.data.split import write_split
 
     write_split(store, 0.0, 0.0, 0)  # the plan that the dataset's preprocessing reads
     cfg = load_config(None, [f"data.store={store}", "data.mode=2.5d", "data.slices=3"]).data
-    ids = [f"lits_{i:04d}" for i in range(cases)]
-    ds = ZarrSliceDataset(store, ids, cfg, train=False)
+    return ZarrSliceDataset(store, [f"lits_{i:04d}" for i in range(cases)], cfg, train=False)
+
+
+def readers(store: Path, gz: Path, raw: Path, cases: int, unsharded: Path):
+    ds, ds_v2 = _dataset(store, cases), _dataset(unsharded, cases)
     # the store is RAS-canonical (Z, Y, X); NIfTI slices are taken in file order (X, Y, Z)
     gz_imgs = [(nib.load(gz / f"volume-{i}.nii.gz"), nib.load(gz / f"segmentation-{i}.nii.gz"))
                for i in range(cases)]
@@ -94,6 +101,7 @@ def readers(store: Path, gz: Path, raw: Path, cases: int):
 
     return {
         "zarr": lambda ci, z: ds.read(ci, z),
+        "zarr_unsharded": lambda ci, z: ds_v2.read(ci, z),
         "a_whole_nii_gz": whole(gz, ".nii.gz"),
         "a_whole_nii": whole(raw, ".nii"),
         "b_proxy_nii_gz": sliced(gz_imgs),
@@ -128,8 +136,11 @@ def main(argv=None) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     gz, raw = make_sources(work, args.cases, (args.size, args.size, args.depth))
     conv = conversion_speedup(gz, work)
-    store = work / "convert-w2.zarr"
-    fns = readers(store, gz, raw, args.cases)
+    store, unsharded = work / "convert-w2.zarr", work / "unsharded.zarr"
+    from hpc_seg.data.store import UNSHARDED
+
+    convert("lits", gz, unsharded, workers=2, show_progress=False, layout=UNSHARDED)
+    fns = readers(store, gz, raw, args.cases, unsharded)
     rng = np.random.default_rng(0)
     samples = [(int(rng.integers(args.cases)), int(rng.integers(1, args.depth - 1))) for _ in range(args.samples)]
     for name, fn in fns.items():  # warm the page cache and lazy opens
@@ -141,7 +152,11 @@ def main(argv=None) -> dict:
             per_round[name].append(time_per_sample(fn, samples[:n]))
     sec = {k: statistics.median(v) for k, v in per_round.items()}
     sps = {k: 1.0 / v for k, v in sec.items()}
-    nbytes = {"zarr": dir_bytes(store), "nii": dir_bytes(raw), "nii_gz": dir_bytes(gz)}
+    nbytes = {"zarr": dir_bytes(store), "zarr_unsharded": dir_bytes(unsharded), "nii": dir_bytes(raw),
+              "nii_gz": dir_bytes(gz)}
+    files = {"zarr": files_in(store), "zarr_unsharded": files_in(unsharded),
+             "zarr_per_case": files_in(store / "cases" / "lits_0000"),
+             "zarr_unsharded_per_case": files_in(unsharded / "cases" / "lits_0000")}
     result = {
         "setup": {"cases": args.cases, "shape_xyz": [args.size, args.size, args.depth], "samples": args.samples,
                   "sample": "3 slices int16 + centre label slice", "cpu_count": os.cpu_count()},
@@ -151,12 +166,15 @@ def main(argv=None) -> dict:
             "zarr_vs_a_whole_nii": sps["zarr"] / sps["a_whole_nii"],
             "zarr_vs_b_proxy_nii_gz": sps["zarr"] / sps["b_proxy_nii_gz"],
             "zarr_vs_c_mmap_nii": sps["zarr"] / sps["c_mmap_nii"],
+            "zarr_unsharded_vs_c_mmap_nii": sps["zarr_unsharded"] / sps["c_mmap_nii"],
+            "zarr_vs_zarr_unsharded": sps["zarr"] / sps["zarr_unsharded"],
             "bytes_zarr_vs_nii": nbytes["zarr"] / nbytes["nii"],
             "bytes_zarr_vs_nii_gz": nbytes["zarr"] / nbytes["nii_gz"],
         },
         "bytes": nbytes,
+        "files": files,
         "conversion": conv,
-        "targets": {"zarr_vs_a >=": 200, "zarr_vs_c >=": 0.7, "bytes_zarr_vs_nii <=": 0.45},
+        "targets": {"zarr_vs_a >=": 200, "zarr_vs_c >=": 0.7, "bytes_zarr_vs_nii <=": 0.45, "files_per_case <=": 5},
     }
     atomic_write_json(args.out, result)
     from rich.console import Console
@@ -167,6 +185,8 @@ def main(argv=None) -> dict:
         t.add_row(f"samples/s {k}", f"{v:,.1f}")
     for k, v in {**result["ratios"], "conversion speed-up 2 vs 1 workers": conv["speedup_2_vs_1"]}.items():
         t.add_row(k, f"{v:.3f}")
+    for k, v in files.items():
+        t.add_row(f"files {k}", str(v))
     Console().print(t)
     return result
 

@@ -29,6 +29,7 @@ a conversion that had to skip bad cases exits with 1 after converting all good o
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from hpc_seg.errors import HpcSegError
@@ -74,6 +75,8 @@ def _kind_path(text: str) -> tuple[str, str]:
 def cmd_prepare(args) -> int:
     from hpc_seg.data.prepare import prepare
 
+    if args.slurm:
+        return _prepare_on_slurm(args)
     done = prepare(args.dataset, args.src, args.out, workers=args.workers, val=args.val, test=args.test,
                    seed=args.seed, show_progress=not args.quiet, resplit=args.resplit, extra=args.add)
     code = _print_report(done.report)
@@ -84,6 +87,34 @@ def cmd_prepare(args) -> int:
     p = done.plan
     print(f"{args.out}: split seed {args.seed}: " + ", ".join(f"{k} {len(v)}" for k, v in done.split.items()))
     print(f"preprocessing plan: {_plan_line(p)}")
+    return 0
+
+
+def _prepare_on_slurm(args) -> int:
+    from hpc_seg.jobs.prepare_array import state_dir, submit_prepare
+
+    if args.tasks < 1:
+        raise HpcSegError(f"--tasks must be >= 1, got {args.tasks}")
+    jobs, final = submit_prepare([(args.dataset, args.src), *args.add], args.out, args.tasks, args.site,
+                                 args.val, args.test, args.seed, args.resplit)
+    print(f"queued: array job {str(jobs[0].job_id).split('_')[0]} ({len(jobs)} tasks), finalizer job "
+          f"{final.job_id} (afterany); reports in {state_dir(args.out)}")
+    if not args.wait:
+        return 0
+    try:
+        summary = final.result()
+    except Exception:  # submitit re-raises the job's error with its traceback: report from the summary
+        path = state_dir(args.out) / "summary.json"
+        rep = json.loads(path.read_text()) if path.is_file() else {}
+        print(f"hpc-seg prepare: error: {len(rep.get('failed', {}))} case(s) failed, array tasks "
+              f"{rep.get('tasks_without_report', '?')} left no report; no split written (logs: "
+              f"{state_dir(args.out) / 'logs'})", file=sys.stderr)
+        for cid, err in sorted(rep.get("failed", {}).items()):
+            print(f"  {cid}: {err}", file=sys.stderr)
+        print("fix the sources and run the same command again (converted cases are kept)", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {summary['cases']} cases; split seed {args.seed}: " +
+          ", ".join(f"{k} {v}" for k, v in summary["split"].items()))
     return 0
 
 
@@ -251,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add", action="append", default=[], type=_kind_path, metavar="KIND:PATH",
                    help="another source of the same task into the same store (its classes a subset of the "
                         "store's, e.g. totalseg:/data/TotalSegmentator for liver-only CTs); repeatable")
+    p.add_argument("--slurm", action="store_true", help="convert as a SLURM job array + a finalizer job "
+                   "(index, split, plan) that depends on it (hpc_seg/jobs/prepare_array.py)")
+    p.add_argument("--tasks", type=int, default=8, help="array tasks with --slurm (each converts cases i::N)")
+    p.add_argument("--site", default=None, help="site profile for --slurm (default: $HPC_SEG_SITE, "
+                   "~/.config/hpc-seg/site.yaml, the shipped one)")
+    p.add_argument("--wait", action="store_true", help="with --slurm: wait for the finalizer and report")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare)
 

@@ -24,6 +24,7 @@ import numpy as np
 from hpc_seg.data import store as zstore
 from hpc_seg.data.index import case_stats, write_index
 from hpc_seg.data.kinds import CaseSource, get_kind
+from hpc_seg.data.lock import store_lock
 from hpc_seg.errors import InputDataError
 
 @dataclass
@@ -78,14 +79,30 @@ def _progress():
                     TimeElapsedColumn(), TextColumn("{task.description}"), transient=False)
 
 
-def convert(dataset: str, src: str | Path, out: str | Path, workers: int = 1,
-            show_progress: bool = True) -> ConversionReport:
-    """Convert every case of ``src`` into the store ``out``; returns a report (see module doc)."""
+def convert(dataset: str, src: str | Path, out: str | Path, workers: int = 1, show_progress: bool = True,
+            layout: str = zstore.FORMAT, part: tuple[int, int] | None = None, index: bool = True,
+            lock_token: str | None = None) -> ConversionReport:
+    """Convert every case of ``src`` into the store ``out``; returns a report (see module doc).
+
+    ``layout``: of a new store (an existing one keeps its own); ``hpc-seg/zarr-v2`` = unsharded.
+    ``part=(i, n)``: only cases ``i::n`` of the source (one array task of ``prepare --slurm``), and
+    ``index=False`` leaves the index to the finalizer. The store's lock (``hpc_seg.data.lock``) is
+    held throughout, or checked to be ``lock_token``'s (a shared preparation's)."""
     kind = get_kind(dataset)
     found = kind.discover(Path(src))
     sources, classes = found.cases, found.classes
-    root = zstore.create_or_open_store(out, dataset, kind.store_info(classes))
-    store_classes = list(root.attrs["hpc_seg"]["classes"])
+    if part is not None:
+        sources = sources[part[0]::part[1]]
+    with store_lock(out, f"hpc-seg convert {dataset} {src}", lock_token):
+        root = zstore.create_or_open_store(out, dataset, kind.store_info(classes), layout=layout)
+        store_classes = list(root.attrs["hpc_seg"]["classes"])
+        report = _convert_cases(dataset, sources, out, classes, store_classes, workers, show_progress)
+        if index:
+            rebuild_index(out, root)
+    return report
+
+
+def _convert_cases(dataset, sources, out, classes, store_classes, workers, show_progress) -> ConversionReport:
     report = ConversionReport(Path(out))
     pool = None
     if workers > 1:
@@ -111,7 +128,6 @@ def convert(dataset: str, src: str | Path, out: str | Path, workers: int = 1,
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    rebuild_index(out, root)
     return report
 
 

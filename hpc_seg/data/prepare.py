@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc_seg.data.convert import ConversionReport, convert
+from hpc_seg.data.lock import store_lock
 from hpc_seg.data.plan import PreprocessingPlan, read_plan
 from hpc_seg.data.split import has_split, read_split, write_split
 from hpc_seg.data.store import has_meta
@@ -38,21 +39,33 @@ def prepare(kind: str, src, store, workers: int = 1, val: float = 0.2, test: flo
             show_progress: bool = True, resplit: bool = False, extra: list[tuple[str, str]] = ()) -> Prepared:
     """Convert ``src`` (and each ``(kind, path)`` of ``extra``: sources of the same task that may
     annotate fewer classes) into ``store``, then make the split of ``seed`` and its plan (kept when
-    they exist, unless ``resplit``). A split is made only from conversions without failures."""
-    report = convert(kind, src, store, workers=workers, show_progress=show_progress)
-    for extra_kind, extra_src in extra:
-        more = convert(extra_kind, extra_src, store, workers=workers, show_progress=show_progress)
-        report.converted += more.converted
-        report.skipped += more.skipped
-        report.failed.update(more.failed)
-        report.notes.update(more.notes)
-    if report.failed:
-        return Prepared(report, {}, None)
+    they exist, unless ``resplit``). A split is made only from conversions without failures.
+    The store's lock is held throughout: a second preparation of it at the same time is refused."""
+    with store_lock(store, f"hpc-seg prepare {kind} {src}") as token:
+        report = convert(kind, src, store, workers=workers, show_progress=show_progress, lock_token=token)
+        for extra_kind, extra_src in extra:
+            merge_reports(report, convert(extra_kind, extra_src, store, workers=workers,
+                                          show_progress=show_progress, lock_token=token))
+        if report.failed:
+            return Prepared(report, {}, None)
+        return Prepared(report, *split_and_plan(store, val, test, seed, resplit))
+
+
+def merge_reports(report: ConversionReport, more: ConversionReport) -> ConversionReport:
+    report.converted += more.converted
+    report.skipped += more.skipped
+    report.failed.update(more.failed)
+    report.notes.update(more.notes)
+    return report
+
+
+def split_and_plan(store, val: float, test: float, seed: int, resplit: bool = False) -> tuple[dict, PreprocessingPlan]:
+    """The split of ``seed`` (made, or kept when it exists unless ``resplit``) and its plan."""
     if resplit or not has_split(store, seed):
         split = write_split(store, val, test, seed)
     else:
         split = read_split(store, seed)
-    return Prepared(report, split, read_plan(store, seed))
+    return split, read_plan(store, seed)
 
 
 def is_prepared(store, seed: int) -> bool:

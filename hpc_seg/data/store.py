@@ -2,7 +2,7 @@
 
 ::
 
-    STORE.zarr/                      root group; attrs["hpc_seg"] = {format, kind, classes, channels,
+    STORE.zarr/                      root group; attrs["hpc_seg"] = {format, dataset, classes, channels,
                                      modality, defaults (window, normalize, rgb mean/std), modes}
       meta/index/                    group; attrs: per-case statistics (``convert``, data/index.py)
       meta/splits/seed0/             group; attrs: train/val/test case lists (``split``/``prepare``)
@@ -11,7 +11,14 @@
         image   (C, Z, Y, X)         int16 HU (CT, C=1) or uint8 RGB (C=3, Z=1)
         label   (Z, Y, X)            uint8 class ids
 
-Chunks are one axial slice, ``(1, 1, Y, X)`` / ``(1, Y, X)``: training reads random 2D slices and
+Layout ``hpc-seg/zarr-v3`` (sharded): each array of a case is **one shard file** (Zarr v3
+``sharding_indexed``) written in one call, so a case is 5 files (group + two array metadata + two
+shards) — parallel filesystems pay per file, not per byte. Inside, every chunk is written (also the
+empty ones) and carries a crc32c, so a missing or damaged chunk is detected at read time
+(``hpc_seg.data.chunks``), never read as zeros. ``hpc-seg/zarr-v2`` stores (one file per chunk) are
+still read.
+
+Chunks (inner chunks of the shard) are one axial slice, ``(1, 1, Y, X)`` / ``(1, Y, X)``: training reads random 2D slices and
 2.5D stacks of k adjacent slices, so a sample touches exactly k image chunks and one label chunk,
 and never decompresses data it does not use. 3D patches read a z-range of whole slices. Images are
 Blosc-LZ4 with byte shuffle (decodes at memory speed; ~0.27x the bytes of raw int16 on noisy CT,
@@ -27,25 +34,26 @@ zarr-python lists the store without warnings; each is one ``zarr.json`` written 
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
+from hpc_seg.data.chunks import ChunkReader  # noqa: F401  (re-exported: zstore.ChunkReader)
 from hpc_seg.errors import StoreError
 from hpc_seg.utils.atomic import atomic_write_json
 
-FORMAT = "hpc-seg/zarr-v2"
+FORMAT = "hpc-seg/zarr-v3"  # sharded: one shard file per array per case, every chunk written, crc32c
+UNSHARDED = "hpc-seg/zarr-v2"  # one file per chunk; still read
+READABLE = (FORMAT, UNSHARDED)
 META_KEY = "hpc_seg_meta"
 IMAGE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 LABEL_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+WRITE_ALL_CHUNKS = {"write_empty_chunks": True}  # an absent chunk is damage, never "all zeros"
 
 
 def _is_zarr_dir(path: Path) -> bool:
@@ -64,9 +72,10 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     meta = root.attrs.get("hpc_seg")
     if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith("hpc-seg/"):
         raise StoreError(f"{path}: Zarr store was not written by hpc-seg (format {FORMAT} expected)")
-    if meta["format"] != FORMAT:
-        raise StoreError(f"{path}: store layout {meta['format']}, this hpc-seg reads {FORMAT}; convert the "
-                         f"source again into a new store: hpc-seg prepare {meta.get('dataset', 'KIND')} SRC NEW.zarr")
+    if meta["format"] not in READABLE:
+        raise StoreError(f"{path}: store layout {meta['format']}, this hpc-seg reads {' and '.join(READABLE)}; "
+                         f"convert the source again into a new store: hpc-seg prepare {meta.get('dataset', 'KIND')} "
+                         "SRC NEW.zarr")
     return root
 
 
@@ -114,7 +123,8 @@ def list_meta(store_path: str | Path, key: str) -> list[str]:
     return sorted(p.name for p in d.iterdir() if (p / "zarr.json").is_file()) if d.is_dir() else []
 
 
-def create_or_open_store(path: str | Path, dataset: str, info: dict | None = None) -> zarr.Group:
+def create_or_open_store(path: str | Path, dataset: str, info: dict | None = None,
+                         layout: str = FORMAT) -> zarr.Group:
     """Open our store for appending, or create it with root attributes ``info`` (kind facts);
     refuse to touch anything else at ``path``."""
     path = Path(path)
@@ -129,7 +139,9 @@ def create_or_open_store(path: str | Path, dataset: str, info: dict | None = Non
             raise StoreError(f"{path}: exists and is not an hpc-seg Zarr store; refusing to overwrite it")
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     root.require_group("cases")
-    root.attrs["hpc_seg"] = {"format": FORMAT, "dataset": dataset, **(info or {})}
+    if layout not in READABLE:
+        raise StoreError(f"{path}: unknown store layout {layout} (one of {', '.join(READABLE)})")
+    root.attrs["hpc_seg"] = {"format": layout, "dataset": dataset, **(info or {})}
     return root
 
 
@@ -187,101 +199,20 @@ def write_case(store_path: str | Path, case_id: str, image: np.ndarray, label: n
     if group_dir.exists():
         shutil.rmtree(group_dir)
     root = zarr.open_group(str(store_path), mode="r+")
+    sharded = root.attrs["hpc_seg"].get("format") == FORMAT  # the store's layout decides
     g = root.require_group("cases").create_group(case_id)
     c, z, y, x = image.shape
-    img = g.create_array("image", shape=image.shape, chunks=(1, 1, y, x), dtype=image.dtype,
-                         compressors=IMAGE_CODEC, fill_value=0,
-                         dimension_names=("c", "z", "y", "x"))
-    img[...] = image
-    lab = g.create_array("label", shape=label.shape, chunks=(1, y, x), dtype=np.uint8,
-                         compressors=LABEL_CODEC, fill_value=0, dimension_names=("z", "y", "x"))
+    extra = ({"config": WRITE_ALL_CHUNKS} if sharded else {})
+    img = g.create_array("image", shape=image.shape, chunks=(1, 1, y, x), shards=image.shape if sharded else None,
+                         dtype=image.dtype, fill_value=0, dimension_names=("c", "z", "y", "x"),
+                         compressors=[IMAGE_CODEC, Crc32cCodec()] if sharded else IMAGE_CODEC, **extra)
+    img[...] = image  # sharded: the whole shard in one call, one file written once
+    lab = g.create_array("label", shape=label.shape, chunks=(1, y, x), shards=label.shape if sharded else None,
+                         dtype=np.uint8, fill_value=0, dimension_names=("z", "y", "x"),
+                         compressors=[LABEL_CODEC, Crc32cCodec()] if sharded else LABEL_CODEC, **extra)
     lab[...] = label
     g.attrs.update({"ome": ome_attrs(spacing, c, unit), "hpc_seg": {**meta, "complete": False}})
     g.attrs["hpc_seg"] = {**meta, "complete": True}  # completion marker: written last
-
-
-class ChunkReader:
-    """Read boxes (ints and step-1 slices) of an array of *our* layout, fast.
-
-    zarr-python 3 pays a fixed round trip through its asyncio loop on every ``array[sel]``
-    (~1 ms, see zarr-python issue #3524), which dominates a 2.5D sample of three small chunks.
-    For arrays in a local store with the codec chain we write (bytes little-endian → Blosc),
-    this reads the chunk files named by the array's own chunk-key encoding and decodes them
-    with numcodecs' Blosc (what zarr's BloscCodec calls), filling absent chunks with the
-    array's fill value. Anything else (other stores, codecs or selections) goes through zarr.
-    ``tests/data/test_store.py`` checks it against zarr's own indexing.
-    """
-
-    def __init__(self, array: zarr.Array):
-        from zarr.codecs import BytesCodec
-        from zarr.storage import LocalStore
-
-        self.array = array
-        md = array.metadata
-        codecs = getattr(md, "codecs", ())
-        self.fast = (isinstance(array.store, LocalStore) and sys.byteorder == "little"
-                     and len(codecs) == 2 and isinstance(codecs[0], BytesCodec)
-                     and getattr(codecs[0].endian, "value", "little") == "little"
-                     and isinstance(codecs[1], BloscCodec))
-        if self.fast:
-            self.dir = Path(array.store.root) / array.path
-            self.chunks = tuple(md.chunk_grid.chunk_shape)
-            self.dtype = np.dtype(array.dtype).newbyteorder("<")
-            self.fill = np.asarray(md.fill_value, dtype=self.dtype)
-            self.blosc = numcodecs.Blosc()
-
-    def _chunk(self, coords: tuple[int, ...], into: np.ndarray | None = None) -> np.ndarray | None:
-        """Decode one chunk; with ``into`` (a C-contiguous view of the chunk's size) decode in place."""
-        path = self.dir / self.array.metadata.encode_chunk_key(coords)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:  # zarr does not write chunks that equal the fill value
-            if into is not None:
-                into[...] = self.fill
-                return None
-            return np.broadcast_to(self.fill, self.chunks)
-        if into is not None:
-            self.blosc.decode(raw, out=into)
-            return None
-        return np.frombuffer(self.blosc.decode(raw), dtype=self.dtype).reshape(self.chunks)
-
-    def _box(self, sel) -> tuple[list[int], list[int], list[int]] | None:
-        sel = sel if isinstance(sel, tuple) else (sel,)
-        starts, stops, squeeze = [], [], []
-        for ax, n in enumerate(self.array.shape):
-            s = sel[ax] if ax < len(sel) else slice(None)
-            if isinstance(s, (int, np.integer)):
-                i = int(s) + n if s < 0 else int(s)
-                if not 0 <= i < n:
-                    raise IndexError(f"index {s} out of range for axis {ax} of size {n}")
-                starts.append(i), stops.append(i + 1), squeeze.append(ax)
-            elif isinstance(s, slice) and s.step in (None, 1):
-                a, b, _ = s.indices(n)
-                starts.append(a), stops.append(max(a, b))
-            else:
-                return None
-        return starts, stops, squeeze
-
-    def __getitem__(self, sel) -> np.ndarray:
-        box = self._box(sel) if self.fast else None
-        if box is None:
-            return self.array[sel]
-        starts, stops, squeeze = box
-        out = np.empty([b - a for a, b in zip(starts, stops)], dtype=self.dtype)
-        grid = [range(a // c, (b - 1) // c + 1) if b > a else range(0)
-                for a, b, c in zip(starts, stops, self.chunks)]
-        for coords in itertools.product(*grid):
-            lo = [max(a, k * c) for a, k, c in zip(starts, coords, self.chunks)]
-            hi = [min(b, (k + 1) * c) for b, k, c in zip(stops, coords, self.chunks)]
-            src = tuple(slice(l - k * c, h - k * c) for l, h, k, c in zip(lo, hi, coords, self.chunks))
-            dst = tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, starts))
-            target = out[dst]
-            whole = all(h - l == c for l, h, c in zip(lo, hi, self.chunks))
-            if whole and target.flags.c_contiguous:  # the usual case: one full slice, no extra copy
-                self._chunk(coords, into=target)
-            else:
-                target[...] = self._chunk(coords)[src]
-        return out[tuple(0 if ax in squeeze else slice(None) for ax in range(out.ndim))]
 
 
 def list_cases(root: zarr.Group, complete_only: bool = True) -> list[str]:

@@ -33,6 +33,18 @@ def find_site(site: str | Path | None) -> Path:
     return user if user.is_file() else SHIPPED_SITE
 
 
+def load_site(site: str | Path | None):
+    """The site profile's ``slurm:`` section as a checked SlurmConfig (for jobs that have no config)."""
+    from hpc_seg.config.schema import SlurmConfig
+
+    path = find_site(site)
+    raw = read_yaml(path)
+    unknown = set(raw) - {"slurm"}
+    if unknown:
+        raise ConfigError(f"{path}: a site profile holds only a 'slurm' section (found {sorted(unknown)})")
+    return from_dict(SlurmConfig, raw.get("slurm") or {}, source=str(path))
+
+
 @dataclass
 class Planned:
     name: str

@@ -80,7 +80,7 @@ def test_old_layout_refused_with_both_versions(phantom_store, tmp_path, capsys):
     meta = json.loads((old / "zarr.json").read_text())
     meta["attributes"]["hpc_seg"]["format"] = "hpc-seg/zarr-v1"
     (old / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match="layout hpc-seg/zarr-v1, this hpc-seg reads hpc-seg/zarr-v2"):
+    with pytest.raises(StoreError, match="layout hpc-seg/zarr-v1, this hpc-seg reads hpc-seg/zarr-v3 and hpc-seg/zarr-v2"):
         read_split(old, 0)
     assert main(["inspect", str(old)]) == 2
     assert "hpc-seg prepare" in capsys.readouterr().err
