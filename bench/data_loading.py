@@ -68,18 +68,20 @@ def files_in(path: Path) -> int:
     return sum(1 for f in Path(path).rglob("*") if f.is_file())
 
 
-def _dataset(store: Path, cases: int):
+def _dataset(store: Path, cases: int, train: bool = False):
     from hpc_seg.config import load_config
     from hpc_seg.data.dataset import ZarrSliceDataset
-    from hpc_seg.data.split import write_split
+    from hpc_seg.data.split import has_split, write_split
 
-    write_split(store, 0.0, 0.0, 0)  # the plan that the dataset's preprocessing reads
-    cfg = load_config(None, [f"data.store={store}", "data.mode=2.5d", "data.slices=3"]).data
-    return ZarrSliceDataset(store, [f"lits_{i:04d}" for i in range(cases)], cfg, train=False)
+    if not has_split(store, 0):
+        write_split(store, 0.0, 0.0, 0)  # the plan that the dataset's preprocessing reads
+    cfg = load_config(None, [f"data.store={store}", "data.mode=2.5d", "data.slices=3", "data.size=[512,512]"]).data
+    return ZarrSliceDataset(store, [f"lits_{i:04d}" for i in range(cases)], cfg, train=train)
 
 
 def readers(store: Path, gz: Path, raw: Path, cases: int, unsharded: Path):
-    ds, ds_v2 = _dataset(store, cases), _dataset(unsharded, cases)
+    ds, ds_v2, ds_train = _dataset(store, cases), _dataset(unsharded, cases), _dataset(store, cases, train=True)
+    index_of = {(ci, z): i for i, (ci, z) in enumerate(ds_train.items.tolist())}
     # the store is RAS-canonical (Z, Y, X); NIfTI slices are taken in file order (X, Y, Z)
     gz_imgs = [(nib.load(gz / f"volume-{i}.nii.gz"), nib.load(gz / f"segmentation-{i}.nii.gz"))
                for i in range(cases)]
@@ -102,6 +104,8 @@ def readers(store: Path, gz: Path, raw: Path, cases: int, unsharded: Path):
     return {
         "zarr": lambda ci, z: ds.read(ci, z),
         "zarr_unsharded": lambda ci, z: ds_v2.read(ci, z),
+        # the whole training item on one core: read + window/normalise at 512² + augmentation
+        "zarr_train_item": lambda ci, z: ds_train[(index_of[(ci, z)], 0)],
         "a_whole_nii_gz": whole(gz, ".nii.gz"),
         "a_whole_nii": whole(raw, ".nii"),
         "b_proxy_nii_gz": sliced(gz_imgs),
@@ -110,6 +114,11 @@ def readers(store: Path, gz: Path, raw: Path, cases: int, unsharded: Path):
 
 
 def conversion_speedup(gz: Path, work: Path) -> dict:
+    """1 worker vs 2, with the same threading: the 1-worker run converts in this process with
+    Blosc and zarr single-threaded, as each of the 2 spawned workers is (one core per worker)."""
+    from hpc_seg.data.convert import _single_threaded_worker
+
+    _single_threaded_worker()
     times = {}
     for workers in (1, 2):
         out = work / f"convert-w{workers}.zarr"
@@ -122,7 +131,7 @@ def conversion_speedup(gz: Path, work: Path) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", type=int, default=4)
+    ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--depth", type=int, default=96)
     ap.add_argument("--samples", type=int, default=300)
@@ -140,6 +149,9 @@ def main(argv=None) -> dict:
     from hpc_seg.data.store import UNSHARDED
 
     convert("lits", gz, unsharded, workers=2, show_progress=False, layout=UNSHARDED)
+    import torch
+
+    torch.set_num_threads(1)  # per-core figures: a DataLoader worker is one core
     fns = readers(store, gz, raw, args.cases, unsharded)
     rng = np.random.default_rng(0)
     samples = [(int(rng.integers(args.cases)), int(rng.integers(1, args.depth - 1))) for _ in range(args.samples)]
@@ -148,7 +160,7 @@ def main(argv=None) -> dict:
     per_round = {name: [] for name in fns}
     for _ in range(args.rounds):  # interleave methods so that machine noise hits them alike
         for name, fn in fns.items():
-            n = args.whole_samples if name.startswith("a_") else len(samples)
+            n = args.whole_samples if name.startswith("a_") else len(samples) // (4 if name.endswith("item") else 1)
             per_round[name].append(time_per_sample(fn, samples[:n]))
     sec = {k: statistics.median(v) for k, v in per_round.items()}
     sps = {k: 1.0 / v for k, v in sec.items()}

@@ -52,6 +52,7 @@ class ChunkReader:
         from zarr.storage import LocalStore
 
         self.array = array
+        self._fds: dict[tuple, tuple[int, Path]] = {}
         md = array.metadata
         codecs = list(getattr(md, "codecs", ()))
         local = isinstance(array.store, LocalStore) and sys.byteorder == "little"
@@ -104,23 +105,25 @@ class ChunkReader:
             except FileNotFoundError:  # the unsharded layout did not write chunks equal to the fill value
                 return None
         key = tuple(k // p for k, p in zip(coords, self.per_shard))
-        path = self.dir / self.array.metadata.encode_chunk_key(key)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise self._damaged(coords, f"shard file {path} is missing") from None
-        try:
-            index = self._shard_index(key, path, fd, coords)
-            offset, nbytes = index[np.ravel_multi_index([k % p for k, p in zip(coords, self.per_shard)],
-                                                        self.per_shard)]
-            if offset == EMPTY:
-                raise self._damaged(coords, "chunk missing from its shard")
-            raw = os.pread(fd, int(nbytes), int(offset))
-        finally:
-            os.close(fd)
+        fd, path = self._open(key, coords)
+        index = self._shard_index(key, path, fd, coords)
+        offset, nbytes = index[np.ravel_multi_index([k % p for k, p in zip(coords, self.per_shard)], self.per_shard)]
+        if offset == EMPTY:
+            raise self._damaged(coords, "chunk missing from its shard")
+        raw = os.pread(fd, int(nbytes), int(offset))
         if len(raw) != int(nbytes) or (self.crc and not _crc_ok(raw)):
             raise self._damaged(coords, "chunk truncated or failing its crc32c checksum")
         return raw[:-4] if self.crc else raw
+
+    def _open(self, key: tuple, coords) -> tuple[int, Path]:
+        """The shard's file descriptor, open for the current read only (one ``open`` per read call)."""
+        if key not in self._fds:
+            path = self.dir / self.array.metadata.encode_chunk_key(key)
+            try:
+                self._fds[key] = (os.open(path, os.O_RDONLY), path)
+            except FileNotFoundError:
+                raise self._damaged(coords, f"shard file {path} is missing") from None
+        return self._fds[key]
 
     def _chunk(self, coords: tuple[int, ...], into: np.ndarray | None = None) -> np.ndarray | None:
         """Decode one chunk; with ``into`` (a C-contiguous view of the chunk's size) decode in place."""
@@ -157,7 +160,14 @@ class ChunkReader:
         box = self._box(sel) if self.fast else None
         if box is None:
             return self.array[sel]
-        starts, stops, squeeze = box
+        try:
+            return self._read_box(*box)
+        finally:
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _read_box(self, starts: list[int], stops: list[int], squeeze: list[int]) -> np.ndarray:
         out = np.empty([b - a for a, b in zip(starts, stops)], dtype=self.dtype)
         grid = [range(a // c, (b - 1) // c + 1) if b > a else range(0)
                 for a, b, c in zip(starts, stops, self.chunks)]

@@ -1,5 +1,7 @@
 """The fast chunk reader must agree with zarr's own indexing, absent chunks included."""
 
+import os
+
 import numpy as np
 import pytest
 import zarr
@@ -79,7 +81,7 @@ def _shard(store, case="lits_0001", array="label"):
 def test_damaged_chunk_is_an_error_naming_case_and_slice(sharded):
     g = zarr.open_group(str(sharded), mode="r")["cases"]["lits_0001"]
     rl = zstore.ChunkReader(g["label"])
-    index = rl._shard_index((0, 0, 0), _shard(sharded), __import__("os").open(_shard(sharded), 0), (0, 0, 0))
+    index = rl._shard_index((0, 0, 0), _shard(sharded), os.open(_shard(sharded), 0), (0, 0, 0))
     offset, nbytes = (int(v) for v in index[5])
     raw = bytearray(_shard(sharded).read_bytes())
     raw[offset + nbytes // 2] ^= 0xFF  # one flipped byte inside slice 5's chunk
