@@ -73,6 +73,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--target-class", default=None, help="default: the last class (polyp, tumour, liver)")
     ap.add_argument("--heldout", default=None, metavar="KIND:PATH", help="score this source, not the test split")
     ap.add_argument("--postprocess", action="store_true", help="evaluate with the largest-component filter")
+    ap.add_argument("--tta", action="store_true", help="also evaluate with flip test-time augmentation "
+                    "(reported beside the plain figures)")
     args = ap.parse_args(argv)
     from hpc_seg.config import load_config
 
@@ -96,6 +98,10 @@ def main(argv=None) -> dict:
         cls = args.target_class or list(res["per_class"])[-1]
         result.update({"test_images_or_cases": res["cases"], "class": cls, "pooled_iou": res["per_class"][cls]["iou"],
                        "pooled_dice": res["per_class"][cls]["dice"], **_per_image(res, cls), "curve": _curve(run, cls)})
+        if args.tta:
+            res = _evaluate(run, cfg.data.store, "test", run / "eval-test-tta", args.postprocess, tta=True)
+            result["with_flip_tta"] = {"pooled_iou": res["per_class"][cls]["iou"],
+                                       "pooled_dice": res["per_class"][cls]["dice"], **_per_image(res, cls)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     if result.get("curve"):
@@ -108,10 +114,10 @@ def main(argv=None) -> dict:
     return result
 
 
-def _evaluate(run: Path, store, split: str, out: Path, postprocess: bool) -> dict:
+def _evaluate(run: Path, store, split: str, out: Path, postprocess: bool, tta: bool = False) -> dict:
     subprocess.run([sys.executable, "-m", "hpc_seg", "evaluate", str(run), "--data", str(store), "--split", split,
-                    "--out", str(out), "--cpu", "--tag", "best", *(["--postprocess"] if postprocess else [])],
-                   check=True, cwd=ROOT)
+                    "--out", str(out), "--cpu", "--tag", "best", *(["--postprocess"] if postprocess else []),
+                    *(["--tta"] if tta else [])], check=True, cwd=ROOT)
     return json.loads((out / "metrics.json").read_text())
 
 

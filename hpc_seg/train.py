@@ -8,6 +8,8 @@ Commands::
     torchrun --nnodes 2 --nproc_per_node 4 -m hpc_seg.train --config configs/transunet_12l.yaml
     # CPU, 2 ranks
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m hpc_seg.train --config configs/tiny_cpu.yaml
+    # the same without torchrun: N local processes (also `train.processes` in the config)
+    hpc-seg train --config configs/kvasir_cpu.yaml --nproc 2
     # continue exactly where a run stopped
     hpc-seg train --config … --run-dir runs/x --resume latest
     # SLURM: srun starts one task per GPU; ranks come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
@@ -38,6 +40,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--run-dir", default=None, help="default: runs/<config name>")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     p.add_argument("--print-ds-config", action="store_true", help="print the DeepSpeed JSON and exit")
+    p.add_argument("--nproc", type=int, default=None, help="local processes (default: train.processes); "
+                   "prepares the data in this process, then starts them with torchrun")
     return p
 
 
@@ -53,6 +57,11 @@ def run(args) -> int:
         print(json.dumps(deepspeed_config(cfg, detect_env().world_size), indent=2))
         return 0
     ensure_data(cfg)
+    nproc = args.nproc or cfg.train.processes
+    from hpc_seg.engine.distributed import detect_env
+
+    if nproc > 1 and detect_env().world_size == 1:
+        return launch_local(nproc, args, run_dir)
     from hpc_seg.engine.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir, resume=args.resume).setup()
@@ -60,6 +69,21 @@ def run(args) -> int:
         return trainer.fit()
     finally:
         trainer.close()
+
+
+def launch_local(nproc: int, args, run_dir: Path) -> int:
+    """Start ``nproc`` ranks of this command on this machine (torchrun, standalone rendezvous).
+    Threads per rank = cores / nproc unless OMP_NUM_THREADS is set: on CPU, ranks of one thread
+    each outrun one rank of several threads on small convolutions (README "Recipes on real data")."""
+    import os
+    import subprocess
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or nproc) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "hpc_seg.train", *(["--config", str(args.config)] if args.config else []), "--run-dir", str(run_dir),
+           *[a for s in args.overrides for a in ("--set", s)], *(["--resume", args.resume] if args.resume else [])]
+    return subprocess.call(cmd, env=env)
 
 
 def ensure_data(cfg) -> None:

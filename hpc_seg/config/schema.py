@@ -131,6 +131,7 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0  # 0 disables
     activation_checkpointing: bool = False
+    processes: int = 1  # ranks `hpc-seg train` starts on this machine (torchrun/srun launches ignore it)
     channels_last: bool = False  # 2D inputs in NHWC memory order: ~1.25x faster convolutions on CPU (oneDNN)
     val_every_steps: int = 0  # 0: validate once per epoch and at the end
     val_max_cases: Optional[int] = None
@@ -140,6 +141,8 @@ class TrainConfig:
     tensorboard: bool = False
 
     def validate(self) -> None:
+        if self.processes < 1:
+            raise ValueError(f"train.processes must be >= 1, got {self.processes}")
         if self.max_steps < 1 or self.grad_accum < 1 or self.lr <= 0:
             raise ValueError("train.max_steps and train.grad_accum must be >= 1 and train.lr > 0")
         if len(self.betas) != 2:

@@ -1,13 +1,14 @@
 """ZeRO 1/2/3 on 2 CPU ranks reduce the loss; fp16 loss scaling; golden DeepSpeed JSON."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from hpc_seg.config import load_config
 from hpc_seg.engine.ds_config import deepspeed_config
-from tests.engine.conftest import records, run_train
+from tests.engine.conftest import BIN, ROOT, env, records, run_train
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
@@ -61,3 +62,17 @@ def test_deepspeed_json_golden():
     golden = GOLDEN / "ds_config_tiny_cpu_fp16_ws2.json"
     assert got == json.loads(golden.read_text())
     assert got["train_batch_size"] == cfg.data.batch_size * 2 * 2
+
+
+def test_nproc_starts_local_ranks_after_preparing_in_one_process(tmp_path, phantom_dir):
+    """`hpc-seg train --nproc 2` on a store that does not exist yet: prepared once, then 2 ranks."""
+    store, run = tmp_path / "fresh.zarr", tmp_path / "run"
+    sets = [f"data.store={store}", f"data.source={phantom_dir}", "data.dataset=lits", "data.size=[32,32]",
+            "data.batch_size=2", "data.num_workers=0", "train.max_steps=3", "train.val_every_steps=0",
+            "train.val_max_cases=1", "checkpoint.every_steps=0"]
+    cmd = [str(BIN / "hpc-seg"), "train", "--config", "tiny_cpu.yaml", "--run-dir", str(run), "--nproc", "2",
+           *[a for s in sets for a in ("--set", s)]]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ranks = sorted(json.loads(p.read_text())["world_size"] for p in (run / "ranks").glob("rank*.json"))
+    assert ranks == [2, 2] and json.loads((run / "final.json").read_text())["step"] == 3
