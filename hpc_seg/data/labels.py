@@ -15,6 +15,8 @@ way; figures of classes a case does not annotate are left out, never scored as a
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from hpc_seg.data.plan import PlanError
 
@@ -87,3 +89,12 @@ def merged_note(plan, store_classes: list[str]) -> str | None:
     m = label_map(list(plan.classes), plan.merge, list(store_classes))
     parts = [f"{c} counted as {plan.classes[m[plan.classes.index(c)]]}" for c in missing]
     return f"the store does not mark {', '.join(missing)}: " + "; ".join(parts)
+
+
+def merge_probabilities(probs: torch.Tensor, label_map: torch.Tensor) -> torch.Tensor:
+    """(N, C, *S) probabilities → the same with each class's probability added to the class it
+    counts as on that sample's case (``label_map`` (N, C), ``hpc_seg.data.labels``): on a
+    liver-only case P(liver) becomes P(liver) + P(tumour), and P(tumour) 0."""
+    n, c = probs.shape[:2]
+    onehot = F.one_hot(label_map.long(), c).to(probs.dtype)  # (N, from, to)
+    return torch.einsum("nf...,nft->nt...", probs, onehot)

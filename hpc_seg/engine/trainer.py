@@ -202,7 +202,9 @@ class Trainer:
     def train_step(self, batch: dict) -> dict:
         """One micro-batch: forward, loss, backward, (boundary) optimizer step."""
         logits = self.engine(self._to_input(batch["image"]))
-        loss = self.loss_fn(logits, batch["label"].to(self.device), batch["label_map"].to(self.device))
+        maps = batch["label_map"]  # decided on the CPU: no device sync for fully labelled batches
+        partial = bool((maps != torch.arange(maps.shape[1])).any())
+        loss = self.loss_fn(logits, batch["label"].to(self.device), maps.to(self.device) if partial else None)
         bad = hdist.all_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0
         if bad and self.cfg.deepspeed.precision != "fp16":  # fp16: the dynamic loss scaler skips the step
             self.bad_steps += 1

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hpc_seg.data.labels import merge_probabilities
 from hpc_seg.errors import ConfigError
 
 
@@ -97,15 +98,6 @@ def _is_partial(label_map) -> bool:
         return False
     ids = torch.arange(label_map.shape[1], device=label_map.device)
     return bool((label_map != ids).any())
-
-
-def merge_probabilities(probs: torch.Tensor, label_map: torch.Tensor) -> torch.Tensor:
-    """(N, C, *S) probabilities → the same with each class's probability added to the class it
-    counts as on that sample's case (``label_map`` (N, C), ``hpc_seg.data.labels``): on a
-    liver-only case P(liver) becomes P(liver) + P(tumour), and P(tumour) 0."""
-    n, c = probs.shape[:2]
-    onehot = F.one_hot(label_map.long(), c).to(probs.dtype)  # (N, from, to)
-    return torch.einsum("nf...,nft->nt...", probs, onehot)
 
 
 class BCEDiceLoss(nn.Module):

@@ -78,7 +78,7 @@ class SegmentationMetrics:
             label_maps = label_maps.long().cpu()
             pred = torch.gather(label_maps, 1, pred.long().cpu().flatten(1)).view(pred.shape)
             if probs is not None:
-                from hpc_seg.losses import merge_probabilities
+                from hpc_seg.data.labels import merge_probabilities
 
                 probs = merge_probabilities(probs.cpu(), label_maps)
             if self.pr_class is not None:
