@@ -91,3 +91,14 @@ def synthetic_rgb(tmp_path_factory) -> Path:
         Image.fromarray(img.astype(np.uint8)).save(d / "images" / f"img{i:02d}.jpg", quality=95)
         Image.fromarray((mask * 255).astype(np.uint8)).save(d / "masks" / f"img{i:02d}.jpg", quality=95)
     return d
+
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto's, from PyPI) on 127.0.0.1 with bucket ``hpc-seg``; the
+    standard AWS environment variables point at it (inherited by the subprocesses tests start)."""
+    from bench.local_s3 import local_s3
+
+    with local_s3(tmp_path_factory.mktemp("s3") / "server.log") as server:
+        yield server

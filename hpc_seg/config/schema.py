@@ -49,9 +49,12 @@ class DataConfig:
     normalisation (CT only; RGB images are scaled by ``rgb_mean``/``rgb_std``). ``window``,
     ``normalize`` and ``rgb_mean``/``rgb_std`` left unset take the dataset kind's defaults; the
     values in force are recorded in the run's preprocessing plan (``RUN_DIR/plan.json``).
+    ``store`` may be ``s3://…`` (credentials and endpoint from the AWS environment variables,
+    ``hpc_seg.data.location``); ``cache`` then keeps fetched shards on local disk.
     """
 
-    store: str = "outputs/phantom.zarr"
+    store: str = "outputs/phantom.zarr"  # a local path or an object-store URL (s3://bucket/path.zarr)
+    cache: Optional[str] = None  # object stores: local directory caching whole shards (one GET per shard)
     dataset: str = "phantom"  # a registered dataset kind (hpc-seg prepare --help lists them)
     source: Optional[str] = None  # raw data that 'hpc-seg train' prepares when ``store`` is absent
     extra_sources: list[SourceConfig] = field(default_factory=list)  # more sources into the same store

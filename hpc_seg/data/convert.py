@@ -29,7 +29,7 @@ from hpc_seg.errors import InputDataError
 
 @dataclass
 class ConversionReport:
-    store: Path
+    store: str  # a local path or an object-store URL (hpc_seg.data.location)
     converted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already complete
     failed: dict[str, str] = field(default_factory=dict)  # case_id -> "file: problem"
@@ -103,7 +103,7 @@ def convert(dataset: str, src: str | Path, out: str | Path, workers: int = 1, sh
 
 
 def _convert_cases(dataset, sources, out, classes, store_classes, workers, show_progress) -> ConversionReport:
-    report = ConversionReport(Path(out))
+    report = ConversionReport(zstore.loc.normalize(out))
     pool = None
     if workers > 1:
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),

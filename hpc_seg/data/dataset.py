@@ -8,7 +8,10 @@
   whichever DataLoader worker or rank produces it, and a resumed run sees the same samples.
 * Each item carries its case's ``label_map`` (``hpc_seg.data.labels``): identity for a case that
   annotates every class, else which class each model class counts as (partially labelled data).
-* Zarr arrays are opened lazily per process (after fork/spawn), never shared across workers.
+* Zarr arrays are opened lazily per process (after fork/spawn), never shared across workers; a
+  dataset pickled for a spawned worker leaves them behind. For an object store (``s3://``) every
+  process makes its own filesystem session (``hpc_seg.data.location``) and the DataLoader starts
+  its workers with ``forkserver``, so no worker inherits the main process's HTTP session or event loop.
 * ``ShardedSampler`` permutes items by (seed, epoch) and gives rank r the items ``perm[r::world]``;
   DataLoader workers split a rank's stream batch by batch, so each sample is read once per epoch
   per world (``even=True`` wraps at most world-1 items so that all ranks take equal steps).
@@ -27,6 +30,7 @@ from hpc_seg.config.schema import DataConfig
 from hpc_seg.data import store as zstore
 from hpc_seg.data.index import from_runs, read_index
 from hpc_seg.data.labels import case_label_map
+from hpc_seg.data.location import is_remote
 from hpc_seg.data.plan import PreprocessingPlan, model_input, read_plan
 from hpc_seg.data.transforms import augment, resize_label
 
@@ -75,10 +79,13 @@ class ZarrSliceDataset(Dataset):
         if self._pid != os.getpid():  # opened lazily, once per process (fork/spawn safe)
             self._arrays, self._pid = {}, os.getpid()
         if ci not in self._arrays:
-            root = zstore.open_store(self.store)
-            g = root["cases"][self.case_ids[ci]]
-            self._arrays[ci] = (zstore.ChunkReader(g["image"]), zstore.ChunkReader(g["label"]))
+            image, label = zstore.open_case_arrays(self.store, self.case_ids[ci])
+            cache = self.cfg.cache
+            self._arrays[ci] = (zstore.ChunkReader(image, cache), zstore.ChunkReader(label, cache))
         return self._arrays[ci]
+
+    def __getstate__(self) -> dict:  # a spawned worker opens its own arrays
+        return {**self.__dict__, "_arrays": {}, "_pid": None}
 
     def _pick(self, index: int, rng: np.random.Generator) -> tuple[int, int]:
         ci, z = (int(v) for v in self.items[index])
@@ -165,9 +172,10 @@ def build_loader(cfg: DataConfig, case_ids: list[str], train: bool, rank: int = 
     ds = ZarrSliceDataset(cfg.store, case_ids, cfg, train=train, seed=seed, plan=plan)
     sampler = ShardedSampler(len(ds), rank, world, shuffle=train, seed=seed, even=train)
     workers = cfg.num_workers if num_workers is None else num_workers
+    context = "forkserver" if workers and is_remote(cfg.store) else None
     loader = DataLoader(ds, batch_size=batch_size or cfg.batch_size, sampler=sampler,
                         num_workers=workers, drop_last=train, pin_memory=False,
-                        persistent_workers=False, collate_fn=_collate)
+                        persistent_workers=False, collate_fn=_collate, multiprocessing_context=context)
     return loader, sampler
 
 

@@ -7,6 +7,9 @@ It holds a token and who took it (host, pid, time, what). The array tasks and th
 finalizer removes it. A second preparation of the same store — another user, a second terminal, a
 second submission — is refused, naming the holder; a lock left by a process that died on this host
 is taken over, one from another host is reported with the command that removes it.
+
+On an object store (``s3://…``) the lock is an object created by a conditional PUT
+(``If-None-Match: *``, ``hpc_seg.data.location.create_exclusive``): of two writers, one gets 412.
 """
 
 from __future__ import annotations
@@ -17,20 +20,19 @@ import socket
 import time
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
 
+from hpc_seg.data import location as loc
 from hpc_seg.errors import StoreError
 
 
-def lock_path(store) -> Path:
-    store = Path(store)
-    return store.with_name(store.name + ".lock")
+def lock_path(store) -> str:
+    return loc.normalize(store) + ".lock"
 
 
-def _holder(path: Path) -> dict:
+def _holder(path: str) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return loc.read_json(path) or {}
+    except (OSError, StoreError):
         return {}
 
 
@@ -50,23 +52,18 @@ def acquire(store, what: str, shared: bool = False) -> str:
     """Take the store's lock; returns its token. ``shared``: held for jobs (released by the
     finalizer, not by this process's death)."""
     path = lock_path(store)
-    path.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
     info = {"token": token, "host": socket.gethostname(), "pid": os.getpid(), "what": what,
             "since": time.strftime("%Y-%m-%d %H:%M:%S"), "shared": shared}
     for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        if not loc.create_exclusive(path, json.dumps(info).encode()):
             held = _holder(path)
             if _dead_here(held):  # its process is gone: the lock is stale
-                path.unlink(missing_ok=True)
+                loc.remove_file(path)
                 continue
             raise StoreError(f"{store}: another preparation holds this store's lock ({held.get('what', '?')} on "
                              f"{held.get('host', '?')}, pid {held.get('pid', '?')}, since {held.get('since', '?')}); "
-                             f"wait for it, or if it is gone for good remove {path}") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
+                             f"wait for it, or if it is gone for good remove {path}")
         return token
     raise StoreError(f"{store}: could not take the lock {path}")
 
@@ -82,7 +79,7 @@ def check(store, token: str) -> None:
 def release(store, token: str) -> None:
     path = lock_path(store)
     if _holder(path).get("token") == token:
-        path.unlink(missing_ok=True)
+        loc.remove_file(path)
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc_seg.data.convert import ConversionReport, convert
+from hpc_seg.data import location as loc
 from hpc_seg.data.lock import store_lock
 from hpc_seg.data.plan import PreprocessingPlan, read_plan
 from hpc_seg.data.split import has_split, read_split, write_split
@@ -69,8 +70,7 @@ def split_and_plan(store, val: float, test: float, seed: int, resplit: bool = Fa
 
 
 def is_prepared(store, seed: int) -> bool:
-    store = Path(store)
-    return (store / "zarr.json").is_file() and has_meta(store, "index") and has_split(store, seed)
+    return loc.is_file(loc.join(store, "zarr.json")) and has_meta(store, "index") and has_split(store, seed)
 
 
 def prepare_command(cfg) -> str:
@@ -84,10 +84,10 @@ def prepare_for_config(cfg, workers: int = 2, log=print) -> None:
     """Make ``cfg.data.store`` ready for training (one process): convert ``data.source`` — or, for
     the ``phantom`` kind without a source, a generated phantom — then split and plan."""
     d = cfg.data
-    store = Path(d.store)
+    store = loc.normalize(d.store)
     if is_prepared(store, d.split_seed):
         return
-    if (store / "zarr.json").is_file() and has_meta(store, "index"):
+    if loc.is_file(loc.join(store, "zarr.json")) and has_meta(store, "index"):
         log(f"splitting {store} (seed {d.split_seed}) and computing its preprocessing plan")
         write_split(store, d.val_fraction, d.test_fraction, d.split_seed)
         return
@@ -97,7 +97,10 @@ def prepare_for_config(cfg, workers: int = 2, log=print) -> None:
             raise StoreError(f"{store}: no store and no data.source to prepare it from; run: {prepare_command(cfg)}")
         from hpc_seg.data.phantom import write_lits_phantom
 
-        source = store.parent / "phantom-nifti"
+        if loc.is_remote(store):
+            raise StoreError(f"{store}: the generated phantom is written to local stores only; "
+                             "prepare it locally, or set data.source")
+        source = Path(store).parent / "phantom-nifti"
         log(f"generating a synthetic CT phantom in {source}")
         write_lits_phantom(source, cases=8, shape=(128, 128, 32), seed=d.split_seed)
     log(f"preparing {source} → {store}")

@@ -34,18 +34,15 @@ zarr-python lists the store without warnings; each is one ``zarr.json`` written 
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from hpc_seg.data import location as loc
 from hpc_seg.data.chunks import ChunkReader  # noqa: F401  (re-exported: zstore.ChunkReader)
 from hpc_seg.errors import StoreError
-from hpc_seg.utils.atomic import atomic_write_json
 
 FORMAT = "hpc-seg/zarr-v3"  # sharded: one shard file per array per case, every chunk written, crc32c
 UNSHARDED = "hpc-seg/zarr-v2"  # one file per chunk; still read
@@ -56,17 +53,18 @@ LABEL_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 WRITE_ALL_CHUNKS = {"write_empty_chunks": True}  # an absent chunk is damage, never "all zeros"
 
 
-def _is_zarr_dir(path: Path) -> bool:
-    return (path / "zarr.json").is_file()
+def _is_zarr_dir(path) -> bool:
+    return loc.is_file(loc.join(path, "zarr.json"))
 
 
-def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
-    """Open an existing hpc-seg store (read-only by default); StoreError if absent or foreign."""
-    path = Path(path)
+def open_store(path, mode: str = "r") -> zarr.Group:
+    """Open an existing hpc-seg store (read-only by default; a local path or an ``s3://`` URL:
+    ``hpc_seg.data.location``); StoreError if absent or foreign."""
+    path = loc.normalize(path)
     if not _is_zarr_dir(path):
         raise StoreError(f"{path}: not a Zarr store (no zarr.json); run 'hpc-seg prepare KIND SRC {path}' first")
     try:
-        root = zarr.open_group(str(path), mode=mode)
+        root = zarr.open_group(loc.zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
     except Exception as exc:
         raise StoreError(f"{path}: cannot open Zarr store: {exc}") from None
     meta = root.attrs.get("hpc_seg")
@@ -79,7 +77,7 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     return root
 
 
-def store_info(path: str | Path) -> dict:
+def store_info(path) -> dict:
     """The root attributes of a store (kind, classes, channels, modality, defaults)."""
     return dict(open_store(path).attrs["hpc_seg"])
 
@@ -88,56 +86,50 @@ def _group_json(attrs: dict) -> dict:
     return {"zarr_format": 3, "node_type": "group", "attributes": attrs}
 
 
-def write_meta(store_path: str | Path, key: str, payload: dict) -> Path:
+def write_meta(store_path, key: str, payload: dict) -> str:
     """Write ``payload`` as the attributes of group ``meta/<key>`` (atomic; parents created)."""
-    root = Path(store_path)
     parts = ["meta", *key.split("/")]
     for i in range(1, len(parts)):
-        parent = root.joinpath(*parts[:i], "zarr.json")
-        if not parent.is_file():
-            atomic_write_json(parent, _group_json({}))
-    return atomic_write_json(root.joinpath(*parts, "zarr.json"), _group_json({META_KEY: payload}), indent=None)
+        parent = loc.join(store_path, *parts[:i], "zarr.json")
+        if not loc.is_file(parent):
+            loc.write_json(parent, _group_json({}))
+    return loc.write_json(loc.join(store_path, *parts, "zarr.json"), _group_json({META_KEY: payload}), indent=None)
 
 
-def read_meta(store_path: str | Path, key: str) -> dict | None:
+def read_meta(store_path, key: str) -> dict | None:
     """The payload of ``meta/<key>``, or None when absent."""
-    path = Path(store_path).joinpath("meta", *key.split("/"), "zarr.json")
+    path = loc.join(store_path, "meta", *key.split("/"), "zarr.json")
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    try:
-        return json.loads(text)["attributes"][META_KEY]
-    except (ValueError, KeyError) as exc:
+        doc = loc.read_json(path)
+        return None if doc is None else doc["attributes"][META_KEY]
+    except (StoreError, KeyError, TypeError) as exc:
         raise StoreError(f"{path}: damaged store metadata ({exc}); rerun 'hpc-seg prepare'") from None
 
 
-def has_meta(store_path: str | Path, key: str) -> bool:
+def has_meta(store_path, key: str) -> bool:
     """Whether ``meta/<key>`` exists (without reading it: the index can be megabytes)."""
-    return Path(store_path).joinpath("meta", *key.split("/"), "zarr.json").is_file()
+    return loc.is_file(loc.join(store_path, "meta", *key.split("/"), "zarr.json"))
 
 
-def list_meta(store_path: str | Path, key: str) -> list[str]:
+def list_meta(store_path, key: str) -> list[str]:
     """Names of the groups under ``meta/<key>`` (e.g. the split seeds)."""
-    d = Path(store_path).joinpath("meta", *key.split("/"))
-    return sorted(p.name for p in d.iterdir() if (p / "zarr.json").is_file()) if d.is_dir() else []
+    d = loc.join(store_path, "meta", *key.split("/"))
+    return [n for n in loc.subdirs(d) if loc.is_file(loc.join(d, n, "zarr.json"))]
 
 
-def create_or_open_store(path: str | Path, dataset: str, info: dict | None = None,
+def create_or_open_store(path, dataset: str, info: dict | None = None,
                          layout: str = FORMAT) -> zarr.Group:
     """Open our store for appending, or create it with root attributes ``info`` (kind facts);
-    refuse to touch anything else at ``path``."""
-    path = Path(path)
-    if path.exists():
-        if path.is_dir() and not any(path.iterdir()):
-            pass  # an empty directory is fine to fill
-        elif _is_zarr_dir(path):
-            root = open_store(path, mode="r+")
-            _check_joining(path, root, dataset, info)
-            return root
-        else:
-            raise StoreError(f"{path}: exists and is not an hpc-seg Zarr store; refusing to overwrite it")
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    refuse to touch anything else at ``path`` (an empty directory or prefix is fine to fill)."""
+    path = loc.normalize(path)
+    what = loc.state(path)
+    if what == "store":
+        root = open_store(path, mode="r+")
+        _check_joining(path, root, dataset, info)
+        return root
+    if what == "other":
+        raise StoreError(f"{path}: exists and is not an hpc-seg Zarr store; refusing to overwrite it")
+    root = zarr.open_group(loc.zarr_store(path, read_only=False), mode="w", zarr_format=3)
     root.require_group("cases")
     if layout not in READABLE:
         raise StoreError(f"{path}: unknown store layout {layout} (one of {', '.join(READABLE)})")
@@ -145,7 +137,7 @@ def create_or_open_store(path: str | Path, dataset: str, info: dict | None = Non
     return root
 
 
-def _check_joining(path: Path, root: zarr.Group, dataset: str, info: dict | None) -> None:
+def _check_joining(path: str, root: zarr.Group, dataset: str, info: dict | None) -> None:
     """A source may join a store of its own kind with the same classes, or of another kind of the
     same task whose classes are a subset of the store's (its cases then annotate only those:
     ``hpc_seg.data.labels``). Anything else is refused, naming both."""
@@ -169,12 +161,11 @@ def _check_joining(path: Path, root: zarr.Group, dataset: str, info: dict | None
         root.attrs["hpc_seg"] = {**have, "kinds": kinds + [dataset]}
 
 
-def case_complete(store_path: str | Path, case_id: str) -> bool:
+def case_complete(store_path, case_id: str) -> bool:
     """True when the case group exists and carries the completion marker."""
-    meta_file = Path(store_path) / "cases" / case_id / "zarr.json"
     try:
-        attrs = json.loads(meta_file.read_text()).get("attributes", {})
-    except (OSError, ValueError):
+        attrs = (loc.read_json(loc.join(store_path, "cases", case_id, "zarr.json")) or {}).get("attributes", {})
+    except StoreError:
         return False
     return bool(attrs.get("hpc_seg", {}).get("complete"))
 
@@ -190,15 +181,13 @@ def ome_attrs(spacing: tuple[float, ...], channels: int, unit: str | None) -> di
     }]}
 
 
-def write_case(store_path: str | Path, case_id: str, image: np.ndarray, label: np.ndarray,
+def write_case(store_path, case_id: str, image: np.ndarray, label: np.ndarray,
                meta: dict[str, Any], spacing: tuple[float, float, float], unit: str | None) -> None:
     """Write one case; any previous (incomplete) group of that name is removed first."""
     if image.ndim != 4 or label.ndim != 3 or image.shape[1:] != label.shape:
         raise ValueError(f"{case_id}: image {image.shape} / label {label.shape} do not match")
-    group_dir = Path(store_path) / "cases" / case_id
-    if group_dir.exists():
-        shutil.rmtree(group_dir)
-    root = zarr.open_group(str(store_path), mode="r+")
+    loc.remove_tree(loc.join(store_path, "cases", case_id))  # a previous, incomplete try
+    root = zarr.open_group(loc.zarr_store(store_path, read_only=False), mode="r+")
     sharded = root.attrs["hpc_seg"].get("format") == FORMAT  # the store's layout decides
     g = root.require_group("cases").create_group(case_id)
     c, z, y, x = image.shape
@@ -213,6 +202,18 @@ def write_case(store_path: str | Path, case_id: str, image: np.ndarray, label: n
     lab[...] = label
     g.attrs.update({"ome": ome_attrs(spacing, c, unit), "hpc_seg": {**meta, "complete": False}})
     g.attrs["hpc_seg"] = {**meta, "complete": True}  # completion marker: written last
+
+
+def open_case_arrays(store_path, case_id: str) -> tuple[zarr.Array, zarr.Array]:
+    """A case's image and label arrays opened directly (two metadata reads, not the group chain:
+    on an object store every node opened is a request)."""
+    store = loc.zarr_store(store_path)
+    try:
+        return tuple(zarr.open_array(store, path=f"cases/{case_id}/{name}", mode="r", zarr_format=3)
+                     for name in ("image", "label"))
+    except FileNotFoundError:
+        raise StoreError(f"{loc.normalize(store_path)}: case {case_id} has no image/label arrays; the store is "
+                         "damaged: convert this case again") from None
 
 
 def list_cases(root: zarr.Group, complete_only: bool = True) -> list[str]:

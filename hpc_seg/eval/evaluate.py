@@ -29,6 +29,7 @@ import torch
 from hpc_seg.data import store as zstore
 from hpc_seg.data.index import read_index
 from hpc_seg.data.labels import case_label_map, merged_note, store_label_lut
+from hpc_seg.data.location import normalize
 from hpc_seg.data.split import SPLITS, read_split
 from hpc_seg.data.store import store_info
 from hpc_seg.errors import HpcSegError
@@ -41,7 +42,7 @@ from hpc_seg.metrics import SegmentationMetrics, plot_pr_curve
 from hpc_seg.utils.atomic import atomic_write_json, atomic_write_text
 
 
-def _cases(store: Path, plan, split: str, index: dict) -> list[str]:
+def _cases(store: str, plan, split: str, index: dict) -> list[str]:
     if split == "all":
         return sorted(index["cases"])
     if split not in SPLITS:
@@ -54,7 +55,7 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
              save_predictions: bool = False) -> dict:
     """Score a model on a store's split with the model's own preprocessing plan. Each case is
     predicted from its image alone; its label is read only afterwards, for the metrics."""
-    store, out = Path(store), Path(out)
+    store, out = normalize(store), Path(out)
     model, cfg, plan = load_for_eval(source, tag)
     info = store_info(store)
     lut = store_label_lut(plan, info, store)  # store label value → model class (same task, by name)

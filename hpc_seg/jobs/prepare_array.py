@@ -30,6 +30,7 @@ import submitit
 from hpc_seg.data import lock
 from hpc_seg.data.convert import ConversionReport, convert, rebuild_index
 from hpc_seg.data.kinds import get_kind
+from hpc_seg.data.location import is_remote
 from hpc_seg.data.prepare import merge_reports, split_and_plan
 from hpc_seg.data.store import FORMAT, create_or_open_store
 from hpc_seg.errors import HpcSegError
@@ -44,7 +45,7 @@ def state_dir(store) -> Path:
 def convert_part(sources: list[tuple[str, str]], store: str, part: int, parts: int, token: str,
                  workers: int = 1) -> dict:
     """Array task ``part``: cases ``part::parts`` of every source; report written before any error."""
-    report = ConversionReport(Path(store))
+    report = ConversionReport(store)
     for kind, src in sources:
         merge_reports(report, convert(kind, src, store, workers=workers, show_progress=False,
                                       part=(part, parts), index=False, lock_token=token))
@@ -111,6 +112,10 @@ def submit_prepare(sources: list[tuple[str, str]], store: str, tasks: int, site_
     from hpc_seg.jobs.submit import load_site
 
     site = load_site(site_file)
+    if is_remote(store):
+        raise HpcSegError(f"{store}: 'prepare --slurm' keeps its task reports and logs beside the store on a "
+                          "shared filesystem; prepare an object-store URL without --slurm (--workers N), or "
+                          "prepare on the parallel filesystem and copy the store")
     store = str(Path(store).resolve())
     sources = [(k, str(Path(p).resolve())) for k, p in sources]
     token = lock.acquire(store, f"hpc-seg prepare --slurm ({tasks} tasks)", shared=True)

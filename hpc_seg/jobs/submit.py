@@ -12,6 +12,7 @@ import yaml
 
 from hpc_seg.config import Config, load_raw, resolve_config_path, to_dict
 from hpc_seg.config.loader import apply_overrides, from_dict, read_yaml
+from hpc_seg.data.location import is_file, is_remote, join
 from hpc_seg.data.prepare import is_prepared, prepare_command
 from hpc_seg.errors import ConfigError
 
@@ -68,7 +69,7 @@ def load_launch_config(config: str | Path, overrides: list[str], site: str | Pat
 def absolute_paths(cfg: Config) -> Config:
     """Jobs may start in another directory: make data/model paths absolute at submission."""
     d = cfg.data
-    d.store = str(Path(d.store).resolve())
+    d.store = d.store if is_remote(d.store) else str(Path(d.store).resolve())
     d.source = str(Path(d.source).resolve()) if d.source else None
     for extra in d.extra_sources:
         extra.path = str(Path(extra.path).resolve())
@@ -91,21 +92,21 @@ def validate_request(cfg: Config, run_dir: Path) -> list[str]:
         check_model_args(cfg.model.name, cfg.model.size, cfg.model.overrides)
     except ConfigError as exc:
         problems.append(str(exc))
-    store, source = Path(d.store), Path(d.source) if d.source else None
+    store, source = d.store, Path(d.source) if d.source else None
     if not is_prepared(store, d.split_seed):
         if s.world_size > 1:  # ranks never prepare data: that is a step of its own, before the job
             problems.append(f"data.store {store} is not a prepared store (split seed {d.split_seed}); "
                             f"{s.world_size} ranks need it ready: {prepare_command(cfg)}")
         elif source is not None and not source.exists():
             problems.append(f"data.store {store} is not a prepared store and data.source {source} does not exist")
-        elif source is None and d.dataset != "phantom" and not (store / "zarr.json").is_file():
+        elif source is None and d.dataset != "phantom" and not is_file(join(store, "zarr.json")):
             problems.append(f"data.store {store} does not exist: {prepare_command(cfg)}")
         for extra in d.extra_sources:
             if not Path(extra.path).exists():
                 problems.append(f"data.extra_sources: {extra.dataset} source {extra.path} does not exist")
     if s.nodes > 1:
         for what, p in (("run directory", run_dir), ("data.store", store)):
-            local = _under(p, s.node_local_paths)
+            local = None if is_remote(p) else _under(Path(p), s.node_local_paths)
             if local:
                 problems.append(f"{what} {p} is on node-local storage ({local}); {s.nodes} nodes need a shared path")
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():

@@ -87,3 +87,16 @@ def test_checkpoint_time_bench_toy(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["bytes"] > 0 and 0 < res["save_seconds"] < res["signal_delay_s"] and res["margin_s"] > 0
+
+
+def test_object_store_bench_toy(tmp_path):
+    """Against its own local S3 server: 2 requests per 2.5D sample without cache (the k adjacent
+    image slices coalesced into one ranged GET + the label slice), none once shards are cached."""
+    out = tmp_path / "os.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "object_store.py"), "--cases", "2", "--size", "64",
+                        "--depth", "12", "--samples", "20", "--work", str(tmp_path / "work"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    modes = json.loads(out.read_text())["modes"]
+    assert modes["s3"]["requests_per_sample"] == 2.0 and modes["s3"]["bytes_per_sample"] > 0
+    assert modes["s3_cache_warm"]["requests_per_sample"] == 0 and modes["s3_cache_warm"]["open_bytes"] == 0

@@ -1,6 +1,7 @@
 """One preparation per store at a time: the O_EXCL lock beside the store."""
 
 import json
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -24,15 +25,15 @@ def test_second_preparation_is_refused_naming_the_holder(phantom_dir, tmp_path):
     with pytest.raises(StoreError, match="not this preparation's"):
         convert("lits", phantom_dir, store, show_progress=False, lock_token="someone-else")
     lock.release(store, token)
-    assert not lock.lock_path(store).exists()
+    assert not Path(lock.lock_path(store)).exists()
     done = prepare("lits", phantom_dir, store, show_progress=False)  # free again; part 0 kept
     assert done.report.ok and len(done.report.skipped) == 3 and len(done.report.converted) == 3
-    assert not lock.lock_path(store).exists()
+    assert not Path(lock.lock_path(store)).exists()
 
 
 def test_lock_of_a_dead_process_on_this_host_is_taken_over(phantom_dir, tmp_path):
     store = tmp_path / "s.zarr"
     p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = {"token": "old", "host": os.uname().nodename, "pid": int(p.stdout), "what": "crashed", "shared": False}
-    lock.lock_path(store).write_text(json.dumps(stale))
+    Path(lock.lock_path(store)).write_text(json.dumps(stale))
     assert prepare("lits", phantom_dir, store, show_progress=False).report.ok

@@ -3,6 +3,7 @@ gives what a one-process prepare gives; a bad case fails the preparation with a 
 and the lock released."""
 
 import json
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def test_array_prepare_equals_single_process(slurm_cluster, phantom_dir, tmp_pat
         for arr in ("image", "label"):
             assert np.array_equal(a["cases"][cid][arr][...], b["cases"][cid][arr][...])
     summary = json.loads((tmp_path / "array.zarr.prepare" / "summary.json").read_text())
-    assert summary["cases"] == 6 and not summary["failed"] and not lock_path(store).exists()
+    assert summary["cases"] == 6 and not summary["failed"] and not Path(lock_path(store)).exists()
 
 
 def test_bad_case_fails_the_array_with_a_report_and_no_split(slurm_cluster, phantom_dir, tmp_path):
@@ -52,7 +53,7 @@ def test_bad_case_fails_the_array_with_a_report_and_no_split(slurm_cluster, phan
     r = run_prepare(src, store)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "lits_0004" in r.stderr and "volume-4.nii.gz" in r.stderr and "no split" in r.stderr
-    assert not has_split(store, 0) and not lock_path(store).exists()
+    assert not has_split(store, 0) and not Path(lock_path(store)).exists()
     assert len(read_index(store)["cases"]) == 5  # the good cases are converted and indexed
     (src / "volume-4.nii.gz").write_bytes((phantom_dir / "volume-4.nii.gz").read_bytes())
     r = run_prepare(src, store)  # fixed: the same command finishes the job
