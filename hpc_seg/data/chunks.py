@@ -138,16 +138,18 @@ class ChunkReader:
     def _prefetch(self, coords_list) -> None:
         """Object stores: chunks of one read that lie next to each other in a shard (adjacent slices
         of a 2.5D stack) come in one ranged GET — a request costs 10–50 ms on S3, bytes are cheap."""
-        spans = sorted((self._locate(c), c) for c in coords_list)
-        run: list = []
-        for (handle, offset, nbytes), coords in spans + [((None, -1, 0), None)]:
-            if run and (handle != run[0][0][0] or offset != run[-1][0][1] + run[-1][0][2]):
-                start = run[0][0][1]
-                data = self.files.pread(run[0][0][0], run[-1][0][1] + run[-1][0][2] - start, start)
-                for (_, off, n), c in run:
-                    self._ready[c] = (data[off - start: off - start + n], n)
-                run = []
-            run.append(((handle, offset, nbytes), coords))
+        spans = sorted((self._locate(c), c) for c in coords_list)  # ((handle, offset, nbytes), coords)
+        i = 0
+        while i < len(spans):
+            (handle, start, _), _ = spans[i]
+            j, end = i, start
+            while j < len(spans) and spans[j][0][0] == handle and spans[j][0][1] == end:
+                end += spans[j][0][2]
+                j += 1
+            data = self.files.pread(handle, end - start, start)
+            for (_, offset, nbytes), coords in spans[i:j]:
+                self._ready[coords] = (data[offset - start: offset - start + nbytes], nbytes)
+            i = j
 
     def _open(self, key: tuple, coords) -> tuple:
         """The shard's handle, open for the current read only (one ``open`` per read call)."""
@@ -237,6 +239,12 @@ def _crc_ok(raw: bytes) -> bool:
     return len(raw) >= 4 and google_crc32c.value(raw[:-4]) == int.from_bytes(raw[-4:], "little")
 
 
+def _tail(fd: int, n: int) -> bytes:
+    """The last ``n`` bytes of an open file (b"" when it is shorter)."""
+    end = os.fstat(fd).st_size
+    return os.pread(fd, n, end - n) if end >= n else b""
+
+
 class LocalFiles:
     """Shard files of one array on a POSIX filesystem: open, pread, close."""
 
@@ -250,8 +258,7 @@ class LocalFiles:
         return os.open(self.dir / key, os.O_RDONLY)
 
     def tail(self, fd: int, n: int) -> bytes:
-        end = os.fstat(fd).st_size
-        return os.pread(fd, n, end - n) if end >= n else b""
+        return _tail(fd, n)
 
     def pread(self, fd: int, n: int, offset: int) -> bytes:
         return os.pread(fd, n, offset)
@@ -263,7 +270,7 @@ class LocalFiles:
 class RemoteFiles:
     """Shard objects of one array in an object store: ranged GETs (this process's own session,
     ``hpc_seg.data.location``), or whole shards cached in a local directory. Counts requests and
-    bytes (``bench/data_loading.py --s3``)."""
+    bytes (``bench/object_store.py``)."""
 
     def __init__(self, store, path: str, cache: str | None = None):
         from hpc_seg.data import location as loc
@@ -306,7 +313,7 @@ class RemoteFiles:
 
     def tail(self, handle, n: int) -> bytes:
         if isinstance(handle, int):
-            return LocalFiles.tail(None, handle, n)
+            return _tail(handle, n)
         data = self.fs.cat_file(handle, start=-n)
         self.requests, self.bytes = self.requests + 1, self.bytes + len(data)
         return data

@@ -84,6 +84,12 @@ def _key(path) -> str:
     return normalize(path).split("://", 1)[1] if is_remote(path) else normalize(path)
 
 
+def _unreachable(path, exc: Exception) -> StoreError:
+    return StoreError(f"{normalize(path)}: object store request failed ({type(exc).__name__}: {exc}); check "
+                      "AWS_ENDPOINT_URL, the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) "
+                      "and the bucket name")
+
+
 def read_bytes(path) -> bytes | None:
     """The file's bytes, or None when it does not exist."""
     if not is_remote(path):
@@ -95,8 +101,8 @@ def read_bytes(path) -> bytes | None:
         return filesystem(path).cat_file(_key(path))
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot read ({exc})") from None
+    except Exception as exc:  # botocore/aiohttp errors are not OSErrors
+        raise _unreachable(path, exc) from None
 
 
 def read_json(path) -> dict | None:
@@ -125,7 +131,12 @@ def write_json(path, payload, indent: int | None = 2) -> str:
 def is_file(path) -> bool:
     if not is_remote(path):
         return Path(path).is_file()
-    return filesystem(path).isfile(_key(path))
+    try:  # not fs.isfile: it reads an unreachable endpoint as "no such file"
+        return filesystem(path).info(_key(path))["type"] == "file"
+    except FileNotFoundError:
+        return False
+    except Exception as exc:
+        raise _unreachable(path, exc) from None
 
 
 def subdirs(path) -> list[str]:
@@ -138,6 +149,8 @@ def subdirs(path) -> list[str]:
         entries = fs.ls(_key(path), detail=True, refresh=True)
     except FileNotFoundError:
         return []
+    except Exception as exc:
+        raise _unreachable(path, exc) from None
     return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
 
 
@@ -152,6 +165,8 @@ def state(path) -> str:
         entries = filesystem(path).ls(_key(path), refresh=True)
     except FileNotFoundError:
         return "absent"
+    except Exception as exc:
+        raise _unreachable(path, exc) from None
     return "empty" if not entries else "other"
 
 
@@ -193,11 +208,13 @@ def create_exclusive(path, data: bytes) -> bool:
         filesystem(path).pipe_file(_key(path), data, mode="create")
     except FileExistsError:
         return False
-    except OSError as exc:  # a server without conditional writes: no safe lock there
+    except Exception as exc:
         if "PreconditionFailed" in str(exc) or "412" in str(exc):
             return False
-        raise StoreError(f"{path}: the object store refused a conditional write ({exc}); it must support "
-                         "If-None-Match (AWS S3, MinIO, Ceph ≥ 18) for the preparation lock") from None
+        if "NotImplemented" in str(exc) or "501" in str(exc):  # no conditional writes: no safe lock there
+            raise StoreError(f"{path}: the object store refused a conditional write ({exc}); it must support "
+                             "If-None-Match (AWS S3, MinIO, Ceph ≥ 18) for the preparation lock") from None
+        raise _unreachable(path, exc) from None
     return True
 
 

@@ -5,7 +5,7 @@ name           sizes                                      notable overrides
 =============  =========================================  ===============================
 unetpp         tiny, small, base                          filters, deep_supervision
 unet_aspp      tiny, small, base                          filters, deep_supervision, aspp_rate
-transunet      tiny, r50-vit-b16, r50-vit-l16             depth, hidden, heads, mlp, attention,
+transunet      tiny, small, r50-vit-b16, r50-vit-l16       depth, hidden, heads, mlp, attention,
                                                           img_size, pretrained (local file)
 =============  =========================================  ===============================
 

@@ -6,6 +6,7 @@ the same arrays, index, split, plan and metrics as a local copy."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -146,3 +147,8 @@ def test_cli_inspect_and_bad_url(stores):
     r = subprocess.run([sys.executable, "-m", "hpc_seg.cli", "inspect", "s3://hpc-seg/nothing-here.zarr"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "not a Zarr store" in r.stdout + r.stderr and "Traceback" not in r.stderr
+    unreachable = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:1"}  # nothing listens there
+    r = subprocess.run([sys.executable, "-m", "hpc_seg.cli", "inspect", url], cwd=ROOT, capture_output=True,
+                       text=True, env=unreachable, timeout=120)
+    assert r.returncode != 0 and "object store request failed" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert "AWS_ENDPOINT_URL" in r.stdout + r.stderr and "Traceback" not in r.stderr

@@ -40,6 +40,17 @@ def test_reference_parameter_counts():
     assert abs(count_parameters(build_model("unetpp", "base")) / 9.04e6 - 1) < 0.02
 
 
+def test_cpu_recipe_size_matches_unet_aspp_tiny():
+    """transunet/small (the kvasir_cpu recipe's model) has as many parameters as unet_aspp/tiny
+    (the comparison in the README is at equal size) and keeps any input size."""
+    small = build_model("transunet", "small", in_channels=3, num_classes=2).eval()
+    tiny = build_model("unet_aspp", "tiny", in_channels=3, num_classes=2)
+    assert abs(count_parameters(small) / count_parameters(tiny) - 1) < 0.15
+    with torch.no_grad():
+        assert small(torch.randn(1, 3, 128, 128)).shape == (1, 2, 128, 128)
+        assert small(torch.randn(1, 3, 96, 80)).shape == (1, 2, 96, 80)
+
+
 def test_depth_override_adds_exact_layers():
     a = count_parameters(build_model("transunet", "tiny", depth=2))
     b = count_parameters(build_model("transunet", "tiny", depth=6))
