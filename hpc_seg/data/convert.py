@@ -131,7 +131,7 @@ def _convert_cases(dataset, sources, out, classes, store_classes, workers, show_
     return report
 
 
-def rebuild_index(out: str | Path, root=None) -> Path:
+def rebuild_index(out: str | Path, root=None) -> str:
     """Gather the stats of every complete case into the store's index."""
     root = root if root is not None else zstore.open_store(out, mode="r")
     meta = root.attrs["hpc_seg"]

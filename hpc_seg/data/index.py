@@ -85,7 +85,7 @@ def case_stats(image: np.ndarray, label: np.ndarray, num_classes: int,
     return stats
 
 
-def write_index(store_path: str | Path, dataset: str, classes: list[str], cases: dict[str, dict]) -> Path:
+def write_index(store_path: str | Path, dataset: str, classes: list[str], cases: dict[str, dict]) -> str:
     """Write the index (atomically) with the stats of every complete case."""
     totals = np.zeros(len(classes), dtype=np.int64)
     for s in cases.values():

@@ -226,7 +226,7 @@ def plan_key(seed: int) -> str:
     return f"plans/seed{seed}"
 
 
-def write_plan(store, plan: PreprocessingPlan) -> Path:
+def write_plan(store, plan: PreprocessingPlan) -> str:
     from hpc_seg.data.store import write_meta
 
     return write_meta(store, plan_key(plan.split_seed), plan.to_dict())
