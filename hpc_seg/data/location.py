@@ -173,7 +173,8 @@ def state(path) -> str:
 def remove_tree(path) -> None:
     """Delete a directory (prefix) and everything below it; nothing when absent."""
     if not is_remote(path):
-        shutil.rmtree(path, ignore_errors=False) if Path(path).exists() else None
+        if Path(path).exists():
+            shutil.rmtree(path)
         return
     fs = filesystem(path)
     try:
