@@ -264,6 +264,14 @@ def cmd_submit(args) -> int:
     return run(args)
 
 
+def _inference_flags(p: argparse.ArgumentParser) -> None:
+    """--tta/--no-tta, --postprocess/--no-postprocess; unset: the model config's ``inference`` section."""
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average over all in-plane mirrorings (default: the model's inference.tta)")
+    p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=None,
+                   help="largest liver component, tumour inside it (default: the model's inference.postprocess)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-seg", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -350,8 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default="best")
-    p.add_argument("--tta", action="store_true", help="average with flipped inputs")
-    p.add_argument("--postprocess", action="store_true", help="largest liver component, tumour inside it")
+    _inference_flags(p)
     p.add_argument("--limit", type=int, default=None, help="first N cases only")
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--save-predictions", action="store_true",
@@ -363,8 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--out", required=True)
     p.add_argument("--probs", default=None, help="also write probabilities to this .zarr")
-    p.add_argument("--tta", action="store_true")
-    p.add_argument("--postprocess", action="store_true")
+    _inference_flags(p)
     p.add_argument("--cpu", action="store_true")
     p.set_defaults(func=cmd_predict)
 

@@ -235,6 +235,16 @@ class SlurmConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """How ``evaluate`` and ``predict`` run this model unless told otherwise (``--tta/--no-tta``,
+    ``--postprocess/--no-postprocess``); travels with the run directory and the exported model.
+    Choose it on the validation split, never on test data."""
+
+    tta: bool = False  # average the probabilities over all in-plane mirrorings (4 forward passes)
+    postprocess: bool = False  # CT: keep the largest liver(+tumour) component, tumour inside it
+
+
+@dataclass
 class Config:
     """Top-level config; ``name`` labels runs and reports."""
 
@@ -246,6 +256,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def validate(self) -> None:
         """Constraints across sections."""

@@ -175,7 +175,7 @@ def build_loader(cfg: DataConfig, case_ids: list[str], train: bool, rank: int = 
     context = "forkserver" if workers and is_remote(cfg.store) else None
     loader = DataLoader(ds, batch_size=batch_size or cfg.batch_size, sampler=sampler,
                         num_workers=workers, drop_last=train, pin_memory=False,
-                        persistent_workers=False, collate_fn=_collate, multiprocessing_context=context)
+                        persistent_workers=workers > 0, collate_fn=_collate, multiprocessing_context=context)
     return loader, sampler
 
 

@@ -50,13 +50,16 @@ def _cases(store: str, plan, split: str, index: dict) -> list[str]:
     return read_split(store, plan.split_seed)[split]
 
 
-def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", tta: bool = False,
-             postprocess: bool = False, limit: int | None = None, cpu: bool = False,
+def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", tta: bool | None = None,
+             postprocess: bool | None = None, limit: int | None = None, cpu: bool = False,
              save_predictions: bool = False) -> dict:
     """Score a model on a store's split with the model's own preprocessing plan. Each case is
-    predicted from its image alone; its label is read only afterwards, for the metrics."""
+    predicted from its image alone; its label is read only afterwards, for the metrics.
+    ``tta``/``postprocess`` None: as the model's config says (``inference`` section)."""
     store, out = normalize(store), Path(out)
     model, cfg, plan = load_for_eval(source, tag)
+    tta = cfg.inference.tta if tta is None else tta
+    postprocess = cfg.inference.postprocess if postprocess is None else postprocess
     info = store_info(store)
     lut = store_label_lut(plan, info, store)  # store label value → model class (same task, by name)
     index = read_index(store)

@@ -1,7 +1,7 @@
 """Whole-volume inference: slice-wise (2D/2.5D) batches over a (C, Z, Y, X) volume, through the
 model's preprocessing plan (``hpc_seg.data.plan``: the same code the training loader runs), the
-probabilities resized back to the volume grid; optional flip TTA; autocast on GPU; optional
-post-processing."""
+probabilities resized back to the volume grid; optional mirror TTA (the mean over all four in-plane
+mirrorings, as nnU-Net mirrors every axis); autocast on GPU; optional post-processing."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def predict_probs(model, plan: PreprocessingPlan, image: np.ndarray, device=torc
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             p = probs_of(x)
             if tta:
-                p = (p + probs_of(x.flip(-1)).flip(-1) + probs_of(x.flip(-2)).flip(-2)) / 3
+                p = (p + probs_of(x.flip(-1)).flip(-1) + probs_of(x.flip(-2)).flip(-2)
+                     + probs_of(x.flip(-1, -2)).flip(-1, -2)) / 4
         out[:, start:start + len(zs)] = to_case_grid(p.float(), (h, w)).permute(1, 0, 2, 3).cpu().numpy()
     return out
 

@@ -67,10 +67,13 @@ def save_case_prediction(out_dir: Path, case_id: str, pred: np.ndarray, case_att
     return atomic_write_bytes(out_dir / f"{case_id}.png", buf.getvalue())
 
 
-def predict_file(source, in_path, out_path, tta: bool = False, postprocess: bool = False,
+def predict_file(source, in_path, out_path, tta: bool | None = None, postprocess: bool | None = None,
                  probs_path=None, cpu: bool = False) -> Path:
+    """Segment a NIfTI CT; ``tta``/``postprocess`` None: as the model's config says (``inference``)."""
     in_path, out_path = Path(in_path), Path(out_path)
     model, cfg, plan = load_for_eval(source)
+    tta = cfg.inference.tta if tta is None else tta
+    postprocess = cfg.inference.postprocess if postprocess is None else postprocess
     if plan.modality != "CT":
         raise HpcSegError(f"{source}: a model for {plan.modality} images ({plan.kind}) cannot segment the CT "
                           f"volume {in_path}")
