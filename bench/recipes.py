@@ -9,7 +9,9 @@ Reported: pooled IoU/Dice of the target class over all test images (``per_class.
 mean per-image IoU and Dice beside it (the figure most Kvasir-SEG papers quote), training minutes,
 the curve of validation IoU against minutes (validation split, PNG beside the JSON), samples/s.
 The checkpoint evaluated is ``best`` — chosen on the validation split during training (the last
-one when the config has no validation split).
+one when the config has no validation split) — as the config's ``inference`` section says (mirror TTA,
+post-processing: settings chosen on validation data); the figures with the other TTA setting are
+reported beside (``without_tta`` / ``with_tta``).
 
 ``--heldout KIND:PATH`` scores a separate source instead of the test split (converted once into
 ``outputs/recipes/heldout-KIND.zarr``, all its cases): for CT, the whole-liver Dice (liver ∪ tumour,
@@ -72,9 +74,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None)
     ap.add_argument("--target-class", default=None, help="default: the last class (polyp, tumour, liver)")
     ap.add_argument("--heldout", default=None, metavar="KIND:PATH", help="score this source, not the test split")
-    ap.add_argument("--postprocess", action="store_true", help="evaluate with the largest-component filter")
-    ap.add_argument("--tta", action="store_true", help="also evaluate with flip test-time augmentation "
-                    "(reported beside the plain figures)")
+    ap.add_argument("--postprocess", action="store_true", help="evaluate with the largest-component filter "
+                    "(default: the config's inference.postprocess)")
+    ap.add_argument("--tta", action="store_true", help="also evaluate with mirror test-time augmentation "
+                    "(reported beside; a config with inference.tta gets the figures without it beside)")
     args = ap.parse_args(argv)
     from hpc_seg.config import load_config
 
@@ -86,22 +89,25 @@ def main(argv=None) -> dict:
     subprocess.run([sys.executable, "-m", "hpc_seg", "train", "--config", args.config, "--run-dir", str(run),
                     *sets], check=True, cwd=ROOT)
     train_min = (time.time() - t0) / 60
+    pp = args.postprocess or cfg.inference.postprocess
+    tta = cfg.inference.tta
     train = [r for r in _records(run) if r["type"] == "train"]
     result = {"config": args.config, "overrides": args.overrides, "model": f"{cfg.model.name}/{cfg.model.size}",
               "input": cfg.data.size, "steps": train[-1]["step"], "train_minutes_incl_prepare_and_val": train_min,
-              "samples_per_s": train[-1]["samples_per_s"], "postprocess": args.postprocess,
+              "samples_per_s": train[-1]["samples_per_s"], "postprocess": pp, "tta": tta,
               "best_checkpoint": json.loads((run / "final.json").read_text())["best"]}
     if args.heldout:
-        result.update(_heldout(run, cfg, args.heldout, args.postprocess))
+        result.update(_heldout(run, cfg, args.heldout, pp))
     else:
-        res = _evaluate(run, cfg.data.store, "test", run / "eval-test", args.postprocess)
+        res = _evaluate(run, cfg.data.store, "test", run / "eval-test", pp)
         cls = args.target_class or list(res["per_class"])[-1]
         result.update({"test_images_or_cases": res["cases"], "class": cls, "pooled_iou": res["per_class"][cls]["iou"],
                        "pooled_dice": res["per_class"][cls]["dice"], **_per_image(res, cls), "curve": _curve(run, cls)})
-        if args.tta:
-            res = _evaluate(run, cfg.data.store, "test", run / "eval-test-tta", args.postprocess, tta=True)
-            result["with_flip_tta"] = {"pooled_iou": res["per_class"][cls]["iou"],
-                                       "pooled_dice": res["per_class"][cls]["dice"], **_per_image(res, cls)}
+        if tta or args.tta:  # the other setting, beside the recipe's figure
+            res = _evaluate(run, cfg.data.store, "test", run / "eval-test-other", pp, tta=not tta)
+            result["without_tta" if tta else "with_tta"] = {
+                "pooled_iou": res["per_class"][cls]["iou"], "pooled_dice": res["per_class"][cls]["dice"],
+                **_per_image(res, cls)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     if result.get("curve"):
@@ -114,10 +120,12 @@ def main(argv=None) -> dict:
     return result
 
 
-def _evaluate(run: Path, store, split: str, out: Path, postprocess: bool, tta: bool = False) -> dict:
+def _evaluate(run: Path, store, split: str, out: Path, postprocess: bool, tta: bool | None = None) -> dict:
+    """``tta`` None: as the run's config says (``inference.tta``, the recipe's setting)."""
+    flags = ["--postprocess" if postprocess else "--no-postprocess"]
+    flags += [] if tta is None else ["--tta" if tta else "--no-tta"]
     subprocess.run([sys.executable, "-m", "hpc_seg", "evaluate", str(run), "--data", str(store), "--split", split,
-                    "--out", str(out), "--cpu", "--tag", "best", *(["--postprocess"] if postprocess else []),
-                    *(["--tta"] if tta else [])], check=True, cwd=ROOT)
+                    "--out", str(out), "--cpu", "--tag", "best", *flags], check=True, cwd=ROOT)
     return json.loads((out / "metrics.json").read_text())
 
 

@@ -45,6 +45,7 @@ def test_unknown_section(tmp_path):
     ("data:\n  augment:\n    flip: 1\n", "data.augment.flip"),
     ("data:\n  mode: 4d\n", "data.mode"),
     ("loss:\n  dice_weight: true\n", "loss.dice_weight"),
+    ("inference:\n  tta: 'yes please'\n", "inference.tta"),
 ])
 def test_wrong_type_names_key(tmp_path, text, key):
     p = write(tmp_path, "bad.yaml", text)

@@ -152,3 +152,36 @@ def test_compare_renders(trained, phantom_store, tmp_path):
     assert "| zero2 |" in md and "| zero3 |" in md and "IoU tumour" in md
     for png in ("iou_per_class.png", "training_curves.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_inference_settings_travel_with_the_model(trained, phantom_store, tmp_path):
+    """``inference.tta`` in the run's config is what evaluate does unless told otherwise; the mirror
+    TTA (all four in-plane flips, a group) makes the prediction exactly flip-equivariant."""
+    import shutil
+
+    import yaml
+
+    from hpc_seg.eval.inference import predict_probs
+    from hpc_seg.eval.model_io import load_for_eval
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[2], run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["inference"] = {"tta": True, "postprocess": False}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    def ev(name, *flags):
+        assert main(["evaluate", str(run), "--data", str(phantom_store), "--split", "val", "--out",
+                     str(tmp_path / name), "--cpu", "--tag", "latest", *flags]) == 0
+        return json.loads((tmp_path / name / "metrics.json").read_text())
+
+    default, on, off = ev("default"), ev("on", "--tta"), ev("off", "--no-tta")
+    assert default["tta"] is True and off["tta"] is False
+    assert default["mean_iou"] == on["mean_iou"] != off["mean_iou"]
+    model, _, plan = load_for_eval(run, "latest")
+    assert model is not None
+    image = (np.random.default_rng(0).normal(0, 300, (1, 5, 64, 64))).astype(np.int16)
+    p = predict_probs(model, plan, image, tta=True)
+    for axes in ((-1,), (-2,), (-1, -2)):
+        q = predict_probs(model, plan, np.ascontiguousarray(np.flip(image, axes)), tta=True)
+        np.testing.assert_allclose(np.flip(q, axes), p, atol=1e-5)
