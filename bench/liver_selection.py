@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "configs/liver_ct_cpu.yaml"
-STUDY = ["data.store=outputs/liver_select/liver.zarr", "data.source=../shared/data/lits-117",
+STUDY = ["data.source=../shared/data/lits-117",
          "data.extra_sources=[{dataset: totalseg, path: ../shared/data/totalseg-ct}]"]
 CANDIDATES = {
     "shipped": [],
@@ -56,18 +56,19 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "liver_selection.json"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra overrides (smoke tests)")
+    ap.add_argument("--work", default=str(ROOT / "outputs" / "liver_select"), help="stores and runs")
     args = ap.parse_args(argv)
-    work = ROOT / "outputs" / "liver_select"
+    work = Path(args.work).resolve()
     val_store = work / "val-lits-tiny.zarr"
     if not (val_store / "zarr.json").is_file():
         _run("convert", *VAL_SOURCE, str(val_store))
-    result = {"rule": __doc__.split("The rule")[1].split("Disclosed")[0].strip(), "validation_ct": VAL_SOURCE[1],
+    result = {"rule": __doc__.split("The rule, ")[1].split("Disclosed")[0].strip(), "validation_ct": VAL_SOURCE[1],
               "trained_on": ["../shared/data/lits-117", "../shared/data/totalseg-ct"], "candidates": {}}
     for name, sets in CANDIDATES.items():
         run = work / name
         t0 = time.time()
         _run("train", "--config", BASE, "--run-dir", str(run),
-             *[a for s in STUDY + sets + args.overrides for a in ("--set", s)])
+             *[a for s in [f"data.store={work / 'liver.zarr'}"] + STUDY + sets + args.overrides for a in ("--set", s)])
         minutes = (time.time() - t0) / 60
         result["candidates"][name] = {
             "overrides": sets, "train_minutes": round(minutes, 1),

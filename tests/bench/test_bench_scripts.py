@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import shared_path
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -100,3 +104,20 @@ def test_object_store_bench_toy(tmp_path):
     modes = json.loads(out.read_text())["modes"]
     assert modes["s3"]["requests_per_sample"] == 2.0 and modes["s3"]["bytes_per_sample"] > 0
     assert modes["s3_cache_warm"]["requests_per_sample"] == 0 and modes["s3_cache_warm"]["open_bytes"] == 0
+
+
+@pytest.mark.shared_data
+def test_liver_selection_bench_toy(tmp_path):
+    """The selection study end to end at 3 steps per candidate: two runs, four scores, a decision."""
+    shared_path("lits-tiny"), shared_path("lits-117"), shared_path("totalseg-ct")
+    out = tmp_path / "sel.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "liver_selection.py"), "--work", str(tmp_path / "w"),
+                        "--out", str(out), "--set", "train.max_steps=3", "--set", "checkpoint.every_steps=0"],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["candidates"]) == {"shipped", "transunet"}
+    for c in res["candidates"].values():
+        assert 0.0 <= c["val_whole_liver_dice"] <= 1.0 and 0.0 <= c["val_whole_liver_dice_tta"] <= 1.0
+    assert res["decision"]["recipe"] in res["candidates"] and isinstance(res["decision"]["tta"], bool)
+    assert res["rule"].startswith("written down and committed before")
