@@ -36,7 +36,7 @@ from hpc_seg.errors import HpcSegError
 from hpc_seg.eval.case_metrics import case_metrics
 from hpc_seg.eval.inference import postprocess as keep_largest
 from hpc_seg.eval.inference import predict_probs
-from hpc_seg.eval.model_io import device_and_dtype, load_for_eval
+from hpc_seg.eval.model_io import device_and_dtype, inference_settings, load_for_eval
 from hpc_seg.eval.predict import save_case_prediction
 from hpc_seg.metrics import SegmentationMetrics, plot_pr_curve
 from hpc_seg.utils.atomic import atomic_write_json, atomic_write_text
@@ -58,8 +58,7 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
     ``tta``/``postprocess`` None: as the model's config says (``inference`` section)."""
     store, out = normalize(store), Path(out)
     model, cfg, plan = load_for_eval(source, tag)
-    tta = cfg.inference.tta if tta is None else tta
-    postprocess = cfg.inference.postprocess if postprocess is None else postprocess
+    tta, postprocess = inference_settings(cfg, tta, postprocess)
     info = store_info(store)
     lut = store_label_lut(plan, info, store)  # store label value → model class (same task, by name)
     index = read_index(store)

@@ -130,3 +130,9 @@ def device_and_dtype(prefer_gpu: bool = True):
     if prefer_gpu and torch.cuda.is_available():
         return torch.device("cuda"), (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     return torch.device("cpu"), None
+
+
+def inference_settings(cfg, tta: bool | None, postprocess: bool | None) -> tuple[bool, bool]:
+    """(tta, postprocess): what the caller asked for, else the model config's ``inference`` section."""
+    return (cfg.inference.tta if tta is None else tta,
+            cfg.inference.postprocess if postprocess is None else postprocess)

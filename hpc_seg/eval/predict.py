@@ -20,7 +20,7 @@ from hpc_seg.data.nifti_io import ct_to_int16, load_nifti, to_canonical
 from hpc_seg.errors import HpcSegError
 from hpc_seg.eval.inference import postprocess as keep_largest
 from hpc_seg.eval.inference import predict_probs
-from hpc_seg.eval.model_io import device_and_dtype, load_for_eval
+from hpc_seg.eval.model_io import device_and_dtype, inference_settings, load_for_eval
 
 
 def to_input_grid(labels_zyx: np.ndarray, canonical_affine: np.ndarray, input_affine: np.ndarray) -> np.ndarray:
@@ -72,8 +72,7 @@ def predict_file(source, in_path, out_path, tta: bool | None = None, postprocess
     """Segment a NIfTI CT; ``tta``/``postprocess`` None: as the model's config says (``inference``)."""
     in_path, out_path = Path(in_path), Path(out_path)
     model, cfg, plan = load_for_eval(source)
-    tta = cfg.inference.tta if tta is None else tta
-    postprocess = cfg.inference.postprocess if postprocess is None else postprocess
+    tta, postprocess = inference_settings(cfg, tta, postprocess)
     if plan.modality != "CT":
         raise HpcSegError(f"{source}: a model for {plan.modality} images ({plan.kind}) cannot segment the CT "
                           f"volume {in_path}")
