@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     from hpc_seg.config import load_config
     from hpc_seg.engine.checkpoint import CheckpointManager, sha256
     from hpc_seg.engine.distributed import init_distributed
-    from hpc_seg.engine.trainer import match_buffer_dtypes
+    from hpc_seg.engine.runtime import match_buffer_dtypes
     from hpc_seg.losses import DiceCELoss
     from hpc_seg.models import build_model
     from hpc_seg.utils.atomic import atomic_write_json

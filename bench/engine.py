@@ -55,7 +55,7 @@ def model_states_worker(stage: int, out: str) -> None:
     import torch
 
     from hpc_seg.engine.distributed import init_distributed
-    from hpc_seg.engine.trainer import match_buffer_dtypes
+    from hpc_seg.engine.runtime import match_buffer_dtypes
     from hpc_seg.models import build_model
 
     env = init_distributed()

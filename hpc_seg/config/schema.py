@@ -139,7 +139,8 @@ class TrainConfig:
     val_every_steps: int = 0  # 0: validate once per epoch and at the end
     val_max_cases: Optional[int] = None
     log_every_steps: int = 10
-    deterministic: bool = False  # torch deterministic algorithms (bit-exact resume tests on CPU)
+    deterministic: bool = False  # torch deterministic algorithms (docs/gpu.md: what stays nondeterministic on CUDA)
+    tf32: bool = True  # fp32 matmuls/convolutions in TF32 on Ampere+ GPUs (float32_matmul_precision "high")
     max_bad_steps: int = 5  # fp32/bf16: stop after this many consecutive non-finite losses
     tensorboard: bool = False
 
@@ -180,7 +181,8 @@ class DeepSpeedConfig:
     hysteresis: int = 2
     min_loss_scale: float = 1.0
     reduce_bucket_size: int = 50_000_000
-    overlap_comm: bool = False
+    overlap_comm: Optional[bool] = None  # None: DeepSpeed's default for the stage (True for ZeRO-3, else False)
+    comm_timeout_s: int = 1800  # a collective waiting longer (dead or hung peer) fails the step instead of hanging
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated JSON last
 
     def validate(self) -> None:
@@ -188,6 +190,8 @@ class DeepSpeedConfig:
             raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_param and self.zero_stage != 3:
             raise ValueError("deepspeed.offload_param needs zero_stage 3")
+        if self.comm_timeout_s < 1:
+            raise ValueError(f"deepspeed.comm_timeout_s must be >= 1, got {self.comm_timeout_s}")
 
 
 @dataclass

@@ -13,9 +13,11 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
+from hpc_seg.errors import HpcSegError
 from hpc_seg.utils import collectives as coll
 
 if not torch.cuda.is_available():  # must be set before deepspeed is imported anywhere
@@ -37,20 +39,37 @@ class DistEnv:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """``"n[1-2],gpu[01-03,07],login"`` → ``["n1", "n2", "gpu01", …, "login"]`` (SLURM hostlist syntax)."""
-    hosts = []
-    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
-        prefix, ranges = m.group(1), m.group(2)
-        if ranges is None:
-            hosts.append(prefix)
-            continue
-        for part in ranges.split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                hosts += [f"{prefix}{i:0{len(a)}d}" for i in range(int(a), int(b) + 1)]
-            else:
-                hosts.append(prefix + part)
+    """``"n[1-2],gpu[01-03,07],a[1-2]-ib,login"`` → ``["n1", "n2", "gpu01", …, "a1-ib", "a2-ib", "login"]``
+    (SLURM hostlist syntax: a host is text with any number of bracketed range lists, in any place)."""
+    hosts: list[str] = []
+    for host in _split_top_level(nodelist):
+        hosts += _expand_host(host)
     return hosts
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in nodelist.strip():
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p for p in parts + [cur] if p]
+
+
+def _expand_host(host: str) -> list[str]:
+    m = re.search(r"\[([^\]]*)\]", host)
+    if m is None:
+        return [host]
+    head, tail = host[:m.start()], host[m.end():]
+    out = []
+    for part in m.group(1).split(","):
+        a, _, b = part.partition("-")
+        values = [f"{i:0{len(a)}d}" for i in range(int(a), int(b) + 1)] if b else [a]
+        out += [h for v in values for h in _expand_host(head + v + tail)]
+    return out
 
 
 def _free_port() -> int:
@@ -64,31 +83,49 @@ def detect_env(environ=None) -> DistEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    if "SLURM_PROCID" in env:  # any srun task, also one of one: its local id picks the GPU
+        ntasks, local = int(env.get("SLURM_NTASKS", "1")), int(env.get("SLURM_LOCALID", 0))
+        if ntasks == 1:
+            return DistEnv(0, 1, local, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "slurm")
         hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
         port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR", hosts[0]), port, "slurm")
+        return DistEnv(int(env["SLURM_PROCID"]), ntasks, local, env.get("MASTER_ADDR", hosts[0]), port, "slurm")
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
 
 
-def init_distributed(env: DistEnv | None = None) -> DistEnv:
-    """Export the rendezvous variables and initialise torch.distributed through DeepSpeed."""
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of a local rank among the ``visible`` devices: ``local_rank`` where a task
+    sees every GPU of its node, 0 where it sees only its own (``--gpus-per-task``, ``--gpu-bind``,
+    per-task cgroups) — the local rank modulo the visible count covers both."""
+    if visible < 1:
+        raise HpcSegError("no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    return local_rank % visible
+
+
+def init_distributed(env: DistEnv | None = None, timeout_s: float = 1800) -> DistEnv:
+    """Export the rendezvous variables and initialise torch.distributed through DeepSpeed; a
+    collective that waits longer than ``timeout_s`` (a dead or hung peer) raises instead of hanging."""
     import deepspeed
     import torch.distributed as dist
 
     env = env or detect_env()
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
+    device = device_for(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=coll.backend_name(), auto_mpi_discovery=False, verbose=False)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead peer ends the step
+        deepspeed.init_distributed(dist_backend=coll.backend_name(), auto_mpi_discovery=False, verbose=False,
+                                   timeout=timedelta(seconds=timeout_s))
     return env
 
 
 def device_for(env: DistEnv) -> torch.device:
-    return torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    """``cuda:<local rank modulo the visible devices>`` where CUDA exists, else the CPU."""
+    visible = torch.cuda.device_count()
+    return torch.device("cuda", cuda_index(env.local_rank, visible)) if visible else torch.device("cpu")
 
 
 barrier = coll.barrier  # collectives live in hpc_seg/utils/collectives.py (device-correct)

@@ -24,8 +24,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     micro = cfg.data.batch_size
     zero: dict = {"stage": ds.zero_stage}
     if ds.zero_stage > 0:
-        zero.update(reduce_bucket_size=ds.reduce_bucket_size, overlap_comm=ds.overlap_comm,
-                    contiguous_gradients=True)
+        zero.update(reduce_bucket_size=ds.reduce_bucket_size, contiguous_gradients=True)
+        if ds.overlap_comm is not None:  # else DeepSpeed's own per-stage default
+            zero["overlap_comm"] = ds.overlap_comm
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_param:

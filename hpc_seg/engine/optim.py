@@ -20,14 +20,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, tr, offload: bool = False) -> torch.optim.Optimizer:
     """AdamW / SGD; with ZeRO-Offload (``offload``) DeepSpeed's CPU Adam in AdamW mode — DeepSpeed
     refuses any other client optimizer there. Its C++ op is JIT-built by DeepSpeed's op builder on
-    first use (a minute or two on a fresh machine, cached in ``~/.cache/torch_extensions``)."""
+    first use (a minute or two on a fresh machine) into ``TORCH_EXTENSIONS_DIR``, which cluster jobs
+    set node-local per CPU type (``hpc_seg.jobs.job.extensions_dir``)."""
     groups = param_groups(model, tr.weight_decay)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=tr.lr, betas=tuple(tr.betas), adamw_mode=True)
-    if tr.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas))
+    if tr.optimizer == "adamw":  # fused: one kernel for all tensors (CUDA and CPU alike)
+        return torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas), fused=True)
     return torch.optim.SGD(groups, lr=tr.lr, momentum=tr.momentum, nesterov=True)
 
 

@@ -32,13 +32,17 @@ from hpc_seg.engine.checkpoint import CheckpointError, CheckpointManager
 from hpc_seg.engine.ds_config import deepspeed_config
 from hpc_seg.engine.optim import build_optimizer, build_scheduler
 from hpc_seg.engine.runlog import RunLog
+from hpc_seg.engine.runtime import (Throughput, buffers_match_params, check_precision_supported, configure_backends,
+                                    match_buffer_dtypes, rng_state, set_rng_state)
 from hpc_seg.engine.validation import validate
 from hpc_seg.errors import HpcSegError
+from hpc_seg.losses import check_target_range
 from hpc_seg.utils import collectives as coll
 from hpc_seg.utils.atomic import atomic_write_json, atomic_write_text
 
 EXIT_OK, EXIT_DIVERGED, EXIT_CHECKPOINT_FAILED, EXIT_PREEMPTED = 0, 3, 4, 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+STOP_CHECK_EVERY = 10  # optimizer steps between agreements on a stop signal (when not logging anyway)
 
 
 class TrainingDiverged(HpcSegError):
@@ -52,46 +56,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{__version__}+{sha}" if sha else __version__
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def check_precision_supported(precision: str) -> None:
-    """Fail early, with the reason, when the DeepSpeed accelerator cannot run ``precision``."""
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    if dtype is not None and dtype not in acc.supported_dtypes():
-        hint = (" (DeepSpeed's CPU accelerator needs oneDNN fp16 support, i.e. AVX512-FP16/AMX)"
-                if acc.device_name() == "cpu" else "")
-        raise HpcSegError(f"deepspeed.precision={precision} is not supported on this {acc.device_name()} "
-                          f"device{hint}; use bf16 or fp32")
-
-
-def match_buffer_dtypes(module: torch.nn.Module) -> None:
-    """DeepSpeed bf16 casts parameters but not buffers; CPU batch-norm kernels need both in one
-    dtype (CUDA accepts the mix), so float buffers follow their module's parameters there."""
-    for m in module.modules():
-        p = next(m.parameters(recurse=False), None)
-        if p is None:
-            continue
-        for name, buf in m.named_buffers(recurse=False):
-            if buf is not None and buf.is_floating_point() and buf.dtype != p.dtype:
-                setattr(m, name, buf.to(p.dtype))
 
 
 class Trainer:
@@ -116,14 +80,13 @@ class Trainer:
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
-        self.env = hdist.init_distributed()
-        self.device = hdist.device_for(self.env)
         cfg, tr = self.cfg, self.cfg.train
+        configure_backends(tr)
+        self.env = hdist.init_distributed(timeout_s=cfg.deepspeed.comm_timeout_s)
+        self.device = hdist.device_for(self.env)
         random.seed(tr.seed)
         np.random.seed(tr.seed)
         torch.manual_seed(tr.seed)
-        if tr.deterministic:
-            torch.use_deterministic_algorithms(True)
         self._setup_data()
         from hpc_seg.losses import build_loss
         from hpc_seg.models import build_from_config
@@ -141,11 +104,11 @@ class Trainer:
         source = self._resume_source() if self.resume else None
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, tr), config=self.ds_config)
-        if self.device.type == "cpu":
-            match_buffer_dtypes(self.engine.module)
-        self.loss_fn = build_loss(cfg.loss).to(self.device)
+        match_buffer_dtypes(self.engine.module)
+        self.loss_fn = build_loss(cfg.loss, check_range=False).to(self.device)  # checked on the CPU batch
         self.log = RunLog(self.run_dir, self.env.is_main, tr.tensorboard)
         self._write_run_files()
+        self.log.write(self._startup_record())
         if source is not None:
             self.load(*source)
         self.previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
@@ -184,6 +147,14 @@ class Trainer:
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")})
 
+    def _startup_record(self) -> dict:
+        """What the run started with (the GPU acceptance check reads it)."""
+        return {"type": "startup", "time": time.time(), "device": str(self.device), "local_rank": self.env.local_rank,
+                "world_size": self.env.world_size, "env_source": self.env.source,
+                "precision": self.cfg.deepspeed.precision, "channels_last": self.cfg.train.channels_last,
+                "buffers_match_params": buffers_match_params(self.engine.module),
+                "loader_workers": self.loader.num_workers}
+
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum
 
@@ -200,22 +171,30 @@ class Trainer:
         return images
 
     def train_step(self, batch: dict) -> dict:
-        """One micro-batch: forward, loss, backward, (boundary) optimizer step."""
+        """One micro-batch: forward, loss, backward, (boundary) optimizer step. The loss stays on the
+        device (read once per logging interval); the only host read is the fp32/bf16 skip decision."""
+        label, maps = batch["label"], batch["label_map"]
+        check_target_range(label, self.plan.num_classes)  # on the CPU batch: no device sync
+        partial = bool((maps != torch.arange(maps.shape[1])).any())  # CPU too
         logits = self.engine(self._to_input(batch["image"]))
-        maps = batch["label_map"]  # decided on the CPU: no device sync for fully labelled batches
-        partial = bool((maps != torch.arange(maps.shape[1])).any())
-        loss = self.loss_fn(logits, batch["label"].to(self.device), maps.to(self.device) if partial else None)
-        bad = hdist.all_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0
-        if bad and self.cfg.deepspeed.precision != "fp16":  # fp16: the dynamic loss scaler skips the step
+        loss = self.loss_fn(logits, label.to(self.device, non_blocking=True),
+                            maps.to(self.device, non_blocking=True) if partial else None)
+        if self.cfg.deepspeed.precision != "fp16" and self._nonfinite(loss):  # fp16: the loss scaler skips
             self.bad_steps += 1
             if self.bad_steps >= self.cfg.train.max_bad_steps:
                 raise TrainingDiverged(f"{self.bad_steps} consecutive non-finite losses at step {self.step}; "
                                        f"last good checkpoint kept in {self.ckpt.root}")
-            return {"loss": float("nan"), "skipped": True}
+            return {"loss": None, "skipped": True}
         self.bad_steps = 0
         self.engine.backward(loss)
         self.engine.step()
-        return {"loss": float(loss.detach()), "skipped": False}
+        return {"loss": loss.detach(), "skipped": False}
+
+    @staticmethod
+    def _nonfinite(loss: torch.Tensor) -> bool:
+        """Is the loss non-finite on any rank? Reduced on the loss's device, then one host read."""
+        flag = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+        return bool(coll.all_reduce(flag, "max").item())
 
     def _broadcast_buffers(self) -> None:
         """Give every rank rank 0's buffers (BN running statistics): each rank's statistics drift
@@ -317,28 +296,38 @@ class Trainer:
                         "config_changes": getattr(self, "_config_changes", None)})
 
     # ------------------------------------------------------------------ loop
-    def _after_optimizer_step(self, losses: list[float], t0: float, samples: int) -> int | None:
-        """Logging, validation, checkpoints and signals at an optimizer-step boundary."""
+    def _log_train(self, losses: list[torch.Tensor], speed: "Throughput") -> None:
+        rec = {"type": "train", "step": self.step, "epoch": self.epoch,
+               "loss": float(torch.stack(losses).float().mean()) if losses else None,  # the interval's one read
+               "lr": self.scheduler.get_last_lr()[0], **speed.figures(self.env.world_size),
+               "skipped_steps": int(getattr(self.engine, "skipped_steps", 0))}
+        if self.cfg.deepspeed.precision == "fp16":
+            rec["loss_scale"] = float(self.engine.optimizer.loss_scale)
+        if torch.cuda.is_available():
+            rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1024 ** 3
+        self.log.write(rec)
+        self.log.advance(self.step, f"loss {rec['loss'] if rec['loss'] is not None else float('nan'):.4f}")
+        losses.clear()
+        speed.new_window()
+
+    def _after_optimizer_step(self, losses: list[torch.Tensor], speed: "Throughput") -> int | None:
+        """Logging, validation, checkpoints and signals at an optimizer-step boundary. The stop flag
+        is agreed on (a collective and a host read) at logging, validation and checkpoint steps and
+        every ``STOP_CHECK_EVERY`` steps, so a preempted job stops within that many steps."""
         tr, ck = self.cfg.train, self.cfg.checkpoint
-        if self.step % tr.log_every_steps == 0 or self.step == tr.max_steps:
-            rec = {"type": "train", "step": self.step, "epoch": self.epoch,
-                   "loss": float(np.mean(losses)) if losses else None,
-                   "lr": self.scheduler.get_last_lr()[0],
-                   "samples_per_s": samples * self.env.world_size / max(time.perf_counter() - t0, 1e-9),
-                   "skipped_steps": int(getattr(self.engine, "skipped_steps", 0))}
-            if self.cfg.deepspeed.precision == "fp16":
-                rec["loss_scale"] = float(self.engine.optimizer.loss_scale)
-            if torch.cuda.is_available():
-                rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1024 ** 3
-            self.log.write(rec)
-            self.log.advance(self.step, f"loss {rec['loss'] if rec['loss'] is not None else float('nan'):.4f}")
-            losses.clear()
-        saved = False
+        logged = self.step % tr.log_every_steps == 0 or self.step == tr.max_steps
+        if logged:
+            self._log_train(losses, speed)
+        saved = paused = False
         if tr.val_every_steps and self.step % tr.val_every_steps == 0:
-            saved = self._validate_and_track()
+            saved, paused = self._validate_and_track(), True
         if ck.every_steps and self.step % ck.every_steps == 0 and not saved:
             self.save()
-            saved = True
+            saved = paused = True
+        if paused:
+            speed.new_window()  # validation and checkpoint pauses are not training throughput
+        if not (logged or paused or self.step % STOP_CHECK_EVERY == 0):
+            return None
         if hdist.all_max(1.0 if self._signal is not None else 0.0) > 0:
             if not saved:
                 self.save()
@@ -374,21 +363,23 @@ class Trainer:
         tr = self.cfg.train
         self.engine.train()
         self.log.start_progress(tr.max_steps, self.step)
-        t0, samples, losses = time.perf_counter(), 0, []
+        speed, losses = Throughput(), []
         try:
             while self.step < tr.max_steps:
                 self.sampler.set_epoch(self.epoch)
                 self.sampler.skip(self.batches_in_epoch * self.cfg.data.batch_size)
                 self.loader.generator = torch.Generator().manual_seed(tr.seed * 1000 + self.epoch)
+                if not speed.samples:
+                    self.log.write({"type": "loader_start", "time": time.time(), "workers": self.loader.num_workers})
                 for batch in self.loader:
                     out = self.train_step(batch)
                     self.batches_in_epoch += 1
-                    samples += batch["image"].shape[0]
+                    speed.add(batch["image"].shape[0])
                     if not out["skipped"]:
                         losses.append(out["loss"])
                     if self.engine.global_steps > self.step:
                         self.step = self.engine.global_steps
-                        code = self._after_optimizer_step(losses, t0, samples)
+                        code = self._after_optimizer_step(losses, speed)
                         if code is not None:
                             return code
                         if self.step >= tr.max_steps:

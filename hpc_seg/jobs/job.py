@@ -8,12 +8,37 @@ signal to submitit's own handler, which calls ``checkpoint()`` (requeue, at most
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import signal
+import tempfile
 from pathlib import Path
 
 import submitit
+
+
+def cpu_type() -> str:
+    """A short key of this node's CPU type (model name and instruction-set flags)."""
+    text = platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        text += "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        text += platform.processor()
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def extensions_dir(environ=None) -> str:
+    """Where DeepSpeed JIT-builds its C++ ops (CPU Adam for ZeRO-Offload, with ``-march=native``):
+    node-local and per CPU type, so ranks on a shared home do not queue behind one lock and a
+    binary built for one CPU never runs on another. An explicit ``TORCH_EXTENSIONS_DIR`` wins."""
+    env = os.environ if environ is None else environ
+    if env.get("TORCH_EXTENSIONS_DIR"):
+        return env["TORCH_EXTENSIONS_DIR"]
+    base = env.get("SLURM_TMPDIR") or env.get("TMPDIR") or tempfile.gettempdir()
+    return str(Path(base) / f"hpc-seg-torch-extensions-{os.getuid()}" / cpu_type())
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -32,8 +57,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         from hpc_seg.engine.trainer import EXIT_OK, EXIT_PREEMPTED, Trainer
 
         env = submitit.JobEnvironment()
+        os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
         if env.num_tasks > 1 or "SLURM_JOB_ID" in os.environ:
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            # overwrite: sbatch propagates the submitting shell's RANK/MASTER_ADDR/... (a stale value
+            # would otherwise make submitit refuse to export)
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         cfg = from_dict(Config, self.config, source=f"{self.run_dir}/config (submitted)")
         if env.num_tasks == 1:  # one process: it may prepare its data first (several ranks never do)
             from hpc_seg.data.prepare import prepare_for_config

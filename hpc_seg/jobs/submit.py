@@ -125,7 +125,9 @@ def executor_parameters(cfg: Config) -> dict:
               "cpus_per_task": s.cpus_per_task, "timeout_min": s.timeout_min,
               "slurm_signal_delay_s": s.signal_delay_s, "slurm_array_parallelism": s.array_parallelism,
               "slurm_setup": list(s.setup) + [requeue_trap(s.max_requeues)],
-              "slurm_srun_args": ["--kill-on-bad-exit=1"],  # one dead rank ends the step at once
+              # --kill-on-bad-exit: one dead rank ends the step at once. --cpus-per-task: srun of Slurm
+              # 22.05-23.02 does not inherit sbatch's, so each rank would get one CPU for its loader workers
+              "slurm_srun_args": ["--kill-on-bad-exit=1", f"--cpus-per-task={s.cpus_per_task}"],
               "slurm_additional_parameters": dict(s.extra)}
     if s.gpus_per_node:
         params["gpus_per_node"] = s.gpus_per_node

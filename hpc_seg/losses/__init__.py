@@ -24,7 +24,16 @@ from hpc_seg.data.labels import merge_probabilities
 from hpc_seg.errors import ConfigError
 
 
-def _check(logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> None:
+def check_target_range(target: torch.Tensor, num_classes: int) -> None:
+    """Class ids within ``[0, num_classes)``. Reading min/max is a host sync on a GPU tensor: the
+    trainer calls this on the CPU batch before the copy and builds its loss with ``check_range=False``."""
+    lo, hi = int(target.min()), int(target.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"loss: target values in [{lo}, {hi}] outside [0, {num_classes - 1}] "
+                         f"for {num_classes} classes")
+
+
+def _check(logits: torch.Tensor, target: torch.Tensor, num_classes: int, check_range: bool = True) -> None:
     if logits.shape[0] == 0:
         raise ValueError("loss: empty batch")
     if target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
@@ -32,10 +41,8 @@ def _check(logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> None
     if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
         raise ValueError(f"loss: logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match "
                          "(expected (N, C, *S) and (N, *S))")
-    lo, hi = int(target.min()), int(target.max())
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(f"loss: target values in [{lo}, {hi}] outside [0, {num_classes - 1}] "
-                         f"for {num_classes} classes")
+    if check_range:
+        check_target_range(target, num_classes)
 
 
 def soft_overlap(probs: torch.Tensor, onehot: torch.Tensor, smooth: float, jaccard: bool = False):
@@ -55,19 +62,22 @@ class DiceCELoss(nn.Module):
         class_weights: optional per-class weights for CE and for the Dice mean.
         jaccard: use soft IoU instead of soft Dice.
         include_background: count class 0 in the overlap mean.
+        check_range: check target ids on every call (a host sync on a GPU; see ``check_target_range``).
     """
 
     def __init__(self, dice_weight: float = 0.3, ce_weight: float = 0.7, smooth: float = 1e-5,
-                 class_weights: list[float] | None = None, jaccard: bool = False, include_background: bool = True):
+                 class_weights: list[float] | None = None, jaccard: bool = False, include_background: bool = True,
+                 check_range: bool = True):
         super().__init__()
         self.dice_weight, self.ce_weight, self.smooth = dice_weight, ce_weight, smooth
+        self.check_range = check_range
         self.jaccard, self.include_background = jaccard, include_background
         self.register_buffer("class_weights", None if class_weights is None
                              else torch.tensor(class_weights, dtype=torch.float32), persistent=False)
 
     def _single(self, logits: torch.Tensor, target: torch.Tensor, label_map=None) -> torch.Tensor:
         c = logits.shape[1]
-        _check(logits, target, c)
+        _check(logits, target, c, self.check_range)
         if self.class_weights is not None and self.class_weights.numel() != c:
             raise ValueError(f"loss: {self.class_weights.numel()} class weights for {c} classes")
         target = target.long()
@@ -103,14 +113,16 @@ def _is_partial(label_map) -> bool:
 class BCEDiceLoss(nn.Module):
     """Binary: one logit channel, ``w_dice · (1 - soft Dice(sigmoid)) + w_bce · BCE``."""
 
-    def __init__(self, dice_weight: float = 0.5, ce_weight: float = 0.5, smooth: float = 1e-5):
+    def __init__(self, dice_weight: float = 0.5, ce_weight: float = 0.5, smooth: float = 1e-5,
+                 check_range: bool = True):
         super().__init__()
         self.dice_weight, self.ce_weight, self.smooth = dice_weight, ce_weight, smooth
+        self.check_range = check_range
 
     def _single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape[1] != 1:
             raise ValueError(f"BCEDiceLoss expects 1 logit channel, got {logits.shape[1]}")
-        _check(logits, target, 2)
+        _check(logits, target, 2, self.check_range)
         g = target.unsqueeze(1).float()
         logits = logits.float()
         bce = F.binary_cross_entropy_with_logits(logits, g)
@@ -127,15 +139,16 @@ class BCEDiceLoss(nn.Module):
         return self._single(logits, target)
 
 
-def build_loss(cfg) -> nn.Module:
+def build_loss(cfg, check_range: bool = True) -> nn.Module:
     """From the ``loss`` config section."""
     if cfg.kind == "dice_ce":
-        return DiceCELoss(cfg.dice_weight, cfg.ce_weight, cfg.smooth, cfg.class_weights)
+        return DiceCELoss(cfg.dice_weight, cfg.ce_weight, cfg.smooth, cfg.class_weights, check_range=check_range)
     if cfg.kind == "jaccard_ce":
-        return DiceCELoss(cfg.dice_weight, cfg.ce_weight, cfg.smooth, cfg.class_weights, jaccard=True)
+        return DiceCELoss(cfg.dice_weight, cfg.ce_weight, cfg.smooth, cfg.class_weights, jaccard=True,
+                          check_range=check_range)
     if cfg.kind == "bce_dice":
-        return BCEDiceLoss(cfg.dice_weight, cfg.ce_weight, cfg.smooth)
+        return BCEDiceLoss(cfg.dice_weight, cfg.ce_weight, cfg.smooth, check_range=check_range)
     raise ConfigError(f"unknown loss kind '{cfg.kind}'")
 
 
-__all__ = ["DiceCELoss", "BCEDiceLoss", "build_loss", "merge_probabilities", "soft_overlap"]
+__all__ = ["DiceCELoss", "BCEDiceLoss", "build_loss", "check_target_range", "merge_probabilities", "soft_overlap"]

@@ -22,4 +22,4 @@ trap 'hpc_seg_rc=$?; <PYTHON> -m hpc_seg.jobs.requeue --rc $hpc_seg_rc --max-req
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output <FOLDER>/%j_%t_log.out --error <FOLDER>/%j_%t_log.err --kill-on-bad-exit=1 <PYTHON> -u -m submitit.core._submit <FOLDER>
+srun --unbuffered --output <FOLDER>/%j_%t_log.out --error <FOLDER>/%j_%t_log.err --kill-on-bad-exit=1 --cpus-per-task=8 <PYTHON> -u -m submitit.core._submit <FOLDER>

@@ -99,21 +99,32 @@ def test_unet_aspp_pool_links_and_residual_block():
     assert torch.allclose(blk(x), expected)
 
 
-@pytest.mark.parametrize("name,kw", [("transunet", {"attention": True}), ("unet_aspp", {})])
-def test_activation_checkpointing_same_grads(name, kw):
+@pytest.mark.parametrize("name,kw", [("transunet", {"attention": True}), ("unet_aspp", {}), ("unetpp", {})])
+def test_activation_checkpointing_same_grads_names_and_running_stats(name, kw):
+    """Checkpointing changes memory only: same parameter names, same gradients, and BatchNorm's
+    running statistics updated once per forward (the recomputation runs BN in training mode again)."""
     torch.manual_seed(0)
     a = build_model(name, "tiny", **kw)
     b = build_model(name, "tiny", **kw)
     b.load_state_dict(a.state_dict())
     n = apply_activation_checkpointing(b)
-    assert n > 0
+    assert n > 0 and apply_activation_checkpointing(b) == 0  # idempotent
+    assert [k for k, _ in b.named_parameters()] == [k for k, _ in a.named_parameters()]
+    assert list(b.state_dict()) == list(a.state_dict())
     x = torch.randn(2, 1, 32, 32)
     for model in (a, b):  # same dropout masks; checkpointing replays the RNG state on recompute
         torch.manual_seed(1)
-        model(x).square().mean().backward()
+        for _ in range(2):
+            model(x).square().mean().backward()
     ga = dict(a.named_parameters())
     for k, p in b.named_parameters():
-        assert torch.allclose(p.grad, ga[k.replace(".module", "")].grad, atol=1e-6), k
+        assert torch.allclose(p.grad, ga[k].grad, atol=1e-6), k
+    sa = a.state_dict()
+    norms = [k for k in sa if k.endswith("num_batches_tracked")]
+    assert norms and all(int(sa[k]) == 2 for k in norms)
+    for k, v in b.state_dict().items():
+        if k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.allclose(v.float(), sa[k].float(), atol=1e-6), k
 
 
 def test_bad_input_and_names():
