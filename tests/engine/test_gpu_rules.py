@@ -232,3 +232,22 @@ def test_resume_across_activation_checkpointing_switch(tmp_path, phantom_store):
     assert r.returncode == 0, r.stderr[-3000:]
     resume, = records(run, "resume")
     assert resume["step"] == 2 and records(run, "train")[-1]["step"] == 4
+
+
+# ---------------------------------------------------------------- what crosses to the device
+def test_loader_ships_uint8_labels_and_the_range_is_checked_on_the_cpu(phantom_store):
+    from hpc_seg.config import load_config
+    from hpc_seg.data.dataset import build_loader
+    from hpc_seg.losses import DiceCELoss, check_target_range
+
+    cfg = load_config(None, [f"data.store={phantom_store}", "data.size=[32,32]", "data.num_workers=0"]).data
+    loader, _ = build_loader(cfg, ["lits_0000", "lits_0001"], train=True)
+    batch = next(iter(loader))
+    assert batch["label"].dtype == torch.uint8 and int(batch["label"].max()) <= 2
+    assert loader.pin_memory == torch.cuda.is_available()  # pinned wherever a GPU copies from it
+    logits = torch.randn(batch["label"].shape[0], 3, 32, 32)
+    assert torch.isfinite(DiceCELoss(check_range=False)(logits, batch["label"]))  # widened inside
+    with pytest.raises(ValueError, match=r"target values in \[0, 3\] outside \[0, 2\]"):
+        check_target_range(torch.tensor([0, 3]), 3)
+    with pytest.raises(ValueError, match="outside"):
+        DiceCELoss()(torch.randn(1, 3, 2, 2), torch.full((1, 2, 2), 3))

@@ -25,10 +25,11 @@ def slurm_cluster():
     return True
 
 
-def submit(*args, timeout=900) -> subprocess.CompletedProcess:
+def submit(*args, timeout=900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``launch/submit.py`` with ``env`` added to the submitting shell's environment (sbatch passes it on)."""
     cmd = [sys.executable, str(ROOT / "launch" / "submit.py"), "--site", str(SITE), *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def tiny_sets(store: Path, steps: int = 6) -> list[str]:
