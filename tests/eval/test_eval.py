@@ -162,7 +162,7 @@ def test_inference_settings_travel_with_the_model(trained, phantom_store, tmp_pa
     import yaml
 
     from hpc_seg.eval.inference import predict_probs
-    from hpc_seg.eval.model_io import load_for_eval
+    from hpc_seg.eval.model_io import inference_settings, load_for_eval
 
     run = tmp_path / "run"
     shutil.copytree(trained[2], run)
@@ -178,10 +178,22 @@ def test_inference_settings_travel_with_the_model(trained, phantom_store, tmp_pa
     default, on, off = ev("default"), ev("on", "--tta"), ev("off", "--no-tta")
     assert default["tta"] is True and off["tta"] is False
     assert default["mean_iou"] == on["mean_iou"] != off["mean_iou"]
-    model, _, plan = load_for_eval(run, "latest")
-    assert model is not None
+    # the settings are the model's: loaded with it from the run directory and from its export
+    model, loaded, plan = load_for_eval(run, "latest")
+    assert inference_settings(loaded, None, None) == (True, False)
+    assert inference_settings(loaded, False, True) == (False, True)  # the caller's word wins
+    exported = tmp_path / "model.safetensors"
+    assert main(["export", str(run), "--out", str(exported), "--tag", "latest"]) == 0
+    model_x, loaded_x, plan_x = load_for_eval(exported)
+    assert inference_settings(loaded_x, None, None) == (True, False) and plan_x.to_dict() == plan.to_dict()
     image = (np.random.default_rng(0).normal(0, 300, (1, 5, 64, 64))).astype(np.int16)
     p = predict_probs(model, plan, image, tta=True)
+    np.testing.assert_allclose(predict_probs(model_x, plan_x, image, tta=True), p, atol=1e-6)
+    plain = predict_probs(model, plan, image, tta=False)
     for axes in ((-1,), (-2,), (-1, -2)):
-        q = predict_probs(model, plan, np.ascontiguousarray(np.flip(image, axes)), tta=True)
+        flipped = np.ascontiguousarray(np.flip(image, axes))
+        q = predict_probs(model, plan, flipped, tta=True)
         np.testing.assert_allclose(np.flip(q, axes), p, atol=1e-5)
+        # without TTA the trained model is not equivariant: the check above can tell the difference
+        gap = np.abs(np.flip(predict_probs(model, plan, flipped, tta=False), axes) - plain).max()
+        assert gap > 1e-3, (axes, gap)

@@ -3,6 +3,7 @@ TotalSegmentator CT, scored on a two-class store of the same task (tumour counte
 refused on a store of another task."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -32,10 +33,17 @@ def mixed_run(phantom_dir, tmp_path_factory):
     return run, base
 
 
-def test_training_on_mixed_annotations_learns_and_logs_finite_losses(mixed_run):
+def test_training_on_mixed_annotations_lowers_the_training_loss(mixed_run):
+    """8 steps of batch 2 learn the training objective on mixed full/liver-only labels: the mean loss
+    of the last 3 steps is below that of the first 3 by at least 0.04 (measured drops with
+    train.seed 0/1/2/3: 0.082/0.117/0.126/0.128; seed 0, this run, is deterministic on the CPU).
+    Too short to show in validation, so this is not checked: the validation mean IoU does not rise
+    (0.0 at steps 4 and 8 with seed 0, a constant 0.476 with seeds 1-3)."""
     run, _ = mixed_run
     losses = [r["loss"] for r in records(run, "train")]
-    assert losses and all(v == v for v in losses)
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses), losses
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 0.04, (first, last, losses)
 
 
 def test_evaluate_on_two_class_store_scores_whole_liver(mixed_run, tmp_path):
