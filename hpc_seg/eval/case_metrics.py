@@ -1,5 +1,8 @@
 """Per-case volume metrics in physical units: Dice, IoU, VOE, RVD, ASSD and MSSD (symmetric
-surface distances in mm from the voxel spacing), as in the LiTS benchmark (Bilic et al. 2023)."""
+surface distances in mm from the voxel spacing), as in the LiTS benchmark (Bilic et al. 2023).
+
+The surface distances' distance transforms run on each figure's bounding box, not the volume
+(:func:`surface_distances`): the same numbers at a fraction of the time (docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -11,10 +14,27 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
 
 
+def _box(mask: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box of a non-empty mask grown by one voxel on each side (clipped to the volume)."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - 1, 0), min(int(hit[-1]) + 2, mask.shape[axis])))
+    return tuple(box)
+
+
 def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing) -> tuple[float | None, float | None]:
-    """(ASSD, MSSD) in the units of ``spacing``; None when either mask is empty."""
+    """(ASSD, MSSD) in the units of ``spacing``; None when either mask is empty.
+
+    The distance transforms run on the bounding box of ``pred | gt`` plus one voxel: every surface
+    voxel lies inside it, so each distance to the nearest surface voxel is the same as over the
+    whole volume (the EDT is exact, not a propagation), and the margin of background keeps each
+    box-edge voxel's erosion neighbourhood as in the volume (a mask on the volume border is cut
+    by the volume edge in both). A liver's box is about a tenth of a 512²×200 CT, a tumour's far less."""
     if not pred.any() or not gt.any():
         return None, None
+    box = _box(pred | gt)
+    pred, gt = pred[box], gt[box]
     sp, sg = _surface(pred), _surface(gt)
     dt_gt = ndimage.distance_transform_edt(~sg, sampling=spacing)
     dt_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)

@@ -11,6 +11,8 @@ modality or classes are refused, naming both sides.
 
 Whole cases from the Zarr store, slice-wise inference, metrics over the whole evaluation
 (``SegmentationMetrics``) plus per-case LiTS figures (Dice, IoU, VOE, RVD, ASSD, MSSD in mm).
+Argmax and the PR histogram run on the device the model runs on (GPU or CPU, the same code):
+only uint8 labels and small count vectors reach the host (docs/evaluation.md).
 Writes ``OUT/metrics.json`` (``mean_iou``, ``per_class``, ``per_case``, …), ``OUT/per_case.csv``,
 ``OUT/pr_curve.png``, ``OUT/overlays.png`` (worst/median/best case) and, from a run directory,
 ``OUT/training_curves.png``; prints a rich table and the throughput (volumes/s).
@@ -35,7 +37,7 @@ from hpc_seg.data.store import store_info
 from hpc_seg.errors import HpcSegError
 from hpc_seg.eval.case_metrics import case_metrics
 from hpc_seg.eval.inference import postprocess as keep_largest
-from hpc_seg.eval.inference import predict_probs
+from hpc_seg.eval.inference import predict_labels
 from hpc_seg.eval.model_io import device_and_dtype, inference_settings, load_for_eval
 from hpc_seg.eval.predict import save_case_prediction
 from hpc_seg.metrics import SegmentationMetrics, plot_pr_curve
@@ -71,22 +73,8 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
     root = zstore.open_store(store)
     extra, t0, shown = {}, time.perf_counter(), {}
     for cid in cases:
-        g = root["cases"][cid]
-        image = g["image"][...]
-        probs = predict_probs(model, plan, image, device, amp, tta=tta)
-        pred = probs.argmax(0).astype(np.uint8)
-        if postprocess and len(names) == 3:
-            pred = keep_largest(pred)
-        if save_predictions:
-            save_case_prediction(out / "predictions", cid, pred, dict(g.attrs["hpc_seg"]))
-        label = lut[g["label"][...]]  # read only now: nothing before the prediction depends on it
-        lmap = case_label_map(plan, index, cid, info["classes"])
-        metrics.update(None, torch.from_numpy(label)[None], case_ids=[cid], label_maps=torch.tensor([lmap]),
-                       pred=torch.from_numpy(pred.astype(np.int64))[None], probs=torch.from_numpy(probs)[None])
-        extra[cid] = case_metrics(np.asarray(lmap, np.uint8)[pred], label, index["cases"][cid]["stats"]["spacing"],
-                                  names, annotated=set(lmap))
-        z = int(np.argmax((label > 0).sum(axis=(1, 2)))) if label.any() else label.shape[0] // 2
-        shown[cid] = (z, image[:, z], label[z], pred[z])  # one slice per case for the overlays, not volumes
+        extra[cid], shown[cid] = _score_case(root["cases"][cid], cid, model, plan, metrics, lut, index, info,
+                                             device, amp, tta, postprocess, out if save_predictions else None)
     seconds = time.perf_counter() - t0
     res = metrics.compute()
     for row in res["per_case"]:
@@ -99,6 +87,28 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
                 "note": merged_note(plan, info["classes"])})
     _write(out, res, shown, names, source)
     return res
+
+
+def _score_case(g, cid: str, model, plan, metrics: SegmentationMetrics, lut: np.ndarray, index: dict, info: dict,
+                device, amp, tta: bool, postprocess: bool, out: Path | None) -> tuple[dict, tuple]:
+    """Predict one case from its image, then read its label and score it: the counts into
+    ``metrics``; returns its LiTS figures and the slice the overlays show. Argmax and the PR
+    histogram run on ``device``; only uint8 labels and (2, bins) counts come to the host."""
+    names = list(plan.classes)
+    image = g["image"][...]
+    lmap = case_label_map(plan, index, cid, info["classes"])  # from the index (what it annotates), not its voxels
+    pred = predict_labels(model, plan, image, device, amp, tta=tta, score_classes=metrics.pr_sources(lmap),
+                          bins=metrics.pr_bins)
+    labels = keep_largest(pred.labels) if postprocess and len(names) == 3 else pred.labels
+    if out is not None:
+        save_case_prediction(out / "predictions", cid, labels, dict(g.attrs["hpc_seg"]))
+    label = lut.astype(np.uint8)[g["label"][...]]  # read only now: nothing before the prediction depends on it
+    metrics.update(None, torch.from_numpy(label)[None], case_ids=[cid], label_maps=torch.tensor([lmap]),
+                   pred=torch.from_numpy(labels)[None], pr_counts=pred.pr_counts(label, metrics.pr_class))
+    figures = case_metrics(np.asarray(lmap, np.uint8)[labels], label, index["cases"][cid]["stats"]["spacing"],
+                           names, annotated=set(lmap))
+    z = int(np.argmax((label > 0).sum(axis=(1, 2)))) if label.any() else label.shape[0] // 2
+    return figures, (z, image[:, z], label[z], labels[z])  # one slice per case for the overlays, not volumes
 
 
 def _write(out: Path, res: dict, shown: dict, names: list[str], source) -> None:

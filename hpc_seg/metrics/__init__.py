@@ -11,6 +11,11 @@ negatives — so results are exact, order-independent, and can be summed across 
 * mean IoU / Dice with and without background, reported separately;
 * LiTS-style **Dice per case** (mean of per-case Dice) and **global Dice** (from pooled counts);
 * the precision-recall curve and average precision of the ``pr_class`` probability.
+
+The counting helpers (:func:`joint_counts`, :func:`score_bins`, :func:`pr_histogram`) run on
+whichever device holds their inputs and key ``bincount`` in the narrowest integer type:
+``evaluate`` counts a case's PR histogram where the model ran and passes the (2, bins) counts
+to ``update(pr_counts=…)``; ``update`` itself counts on the host, as it always has.
 """
 
 from __future__ import annotations
@@ -27,6 +32,60 @@ def _ratio(num: float, den: float):
 def _mean(values) -> float | None:
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
+
+
+def index_dtype(n: int) -> torch.dtype:
+    """The narrowest integer type holding 0 … n-1: bincount over it reads a fraction of the memory
+    of int64 keys (on the CPU 5-60× faster over a 512²×200 volume)."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if n - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
+def joint_counts(target: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) int64 counts [target, prediction] of class indices in [0, C), on the inputs' device."""
+    c = num_classes
+    dtype = index_dtype(c * c)
+    key = target.to(dtype) * c + pred.to(dtype)
+    return torch.bincount(key.flatten(), minlength=c * c).reshape(c, c)
+
+
+def score_bins(prob: torch.Tensor, bins: int) -> torch.Tensor:
+    """PR-curve bin of each probability (bin k: [k/bins, (k+1)/bins), 1.0 in the last), as a
+    narrow integer tensor on ``prob``'s device; the same rule for the host and every device."""
+    dtype = index_dtype(2 * bins)
+    # clamped before the cast (the narrow type must not overflow) and after it (NaN casts anywhere)
+    return (prob.float() * bins).clamp_(0, bins - 1).to(dtype).clamp_(0, bins - 1)
+
+
+def pr_histogram(bin_index: torch.Tensor, positive: torch.Tensor, bins: int) -> torch.Tensor:
+    """(2, bins) int64 counts [negatives, positives] of ``score_bins`` output, on its device."""
+    dtype = index_dtype(2 * bins)
+    key = bin_index.to(dtype) + positive.to(dtype) * bins
+    return torch.bincount(key.flatten(), minlength=2 * bins).reshape(2, bins)
+
+
+def _probs_and_pred(logits, target, pred, probs):
+    """(probabilities or None, hard prediction) of a batch, as ``SegmentationMetrics.update`` reads it."""
+    if probs is not None:
+        probs = probs.float()
+    elif logits is not None and logits.dim() == target.dim() + 1:
+        probs = logits.float().softmax(1)
+    if pred is None:
+        pred = probs.argmax(1) if probs is not None else logits
+    return probs, pred
+
+
+def _merged(label_maps: torch.Tensor, pred: torch.Tensor, probs):
+    """Predictions (and probabilities) counted as each item's case counts them (label maps, CPU)."""
+    from hpc_seg.data.labels import is_identity, merge_probabilities
+
+    if not all(is_identity(m) for m in label_maps):  # fully annotated cases: nothing to map
+        pred = torch.gather(label_maps, 1, pred.long().cpu().flatten(1)).view(pred.shape)
+    if probs is not None:
+        probs = merge_probabilities(probs.cpu(), label_maps)
+    return pred, probs
 
 
 class SegmentationMetrics:
@@ -57,7 +116,8 @@ class SegmentationMetrics:
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor, case_ids=None, pred: torch.Tensor | None = None,
-               probs: torch.Tensor | None = None, label_maps: torch.Tensor | None = None) -> None:
+               probs: torch.Tensor | None = None, label_maps: torch.Tensor | None = None,
+               pr_counts: torch.Tensor | None = None) -> None:
         """Add a batch: ``logits`` (N, C, *S) (or hard predictions (N, *S)), ``target`` (N, *S).
 
         ``case_ids``: one id per batch item (slices of a case may come in any batch or rank).
@@ -66,48 +126,63 @@ class SegmentationMetrics:
         ``label_maps`` (N, C): partially labelled cases (``hpc_seg.data.labels``): predictions and
         probabilities of classes an item's case does not annotate count as the class they lie in,
         and that case's figures for those classes are left out (None), as is its PR contribution.
+        ``pr_counts`` (2, pr_bins): the batch's PR histogram counted already (:func:`pr_histogram`
+        on the device that holds the probabilities, scores summed over :meth:`pr_sources`), in
+        place of ``probs`` — so whole volumes of probabilities need not come to the host.
         """
-        if probs is not None:
-            probs = probs.float()
-        elif logits is not None and logits.dim() == target.dim() + 1:
-            probs = logits.float().softmax(1)
-        if pred is None:
-            pred = probs.argmax(1) if probs is not None else logits
+        if pr_counts is not None and (probs is not None or self.pr_class is None):
+            raise ValueError("metrics: pr_counts replace probs (give one of them) and need a pr_class")
+        probs, pred = _probs_and_pred(logits, target, pred, probs)
         keep_pr = None
         if label_maps is not None:
             label_maps = label_maps.long().cpu()
-            pred = torch.gather(label_maps, 1, pred.long().cpu().flatten(1)).view(pred.shape)
-            if probs is not None:
-                from hpc_seg.data.labels import merge_probabilities
-
-                probs = merge_probabilities(probs.cpu(), label_maps)
+            pred, probs = _merged(label_maps, pred, probs)
             if self.pr_class is not None:
                 keep_pr = label_maps[:, self.pr_class] == self.pr_class
         if pred.shape != target.shape:
             raise ValueError(f"metrics: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-        c = self.num_classes
-        t, p = target.long().cpu(), pred.long().cpu()
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c):
-            raise ValueError(f"metrics: target values outside [0, {c - 1}]")
-        self.confusion += torch.bincount((t * c + p).flatten(), minlength=c * c).reshape(c, c)
-        if case_ids is not None:
-            for i, cid in enumerate(case_ids):
-                self._add_case(str(cid), t[i], p[i])
-                if label_maps is not None:
-                    self.annotated[str(cid)] = sorted(set(label_maps[i].tolist()))
-        if probs is not None and self.pr_class is not None:
+        t, p = target.cpu(), pred.cpu()
+        self._check_range(t, p)
+        self._add_counts(t, p, case_ids, label_maps)
+        if pr_counts is not None:
+            self.pr_hist += pr_counts.cpu().long().reshape(2, self.pr_bins)
+        elif probs is not None and self.pr_class is not None:
             prob, tt = probs[:, self.pr_class].cpu(), t
             if keep_pr is not None:
                 prob, tt = prob[keep_pr], t[keep_pr]
-            prob = prob.flatten()
-            bins = (prob * self.pr_bins).long().clamp_(0, self.pr_bins - 1)
-            positive = (tt.flatten() == self.pr_class).long()
-            self.pr_hist += torch.bincount(positive * self.pr_bins + bins,
-                                           minlength=2 * self.pr_bins).reshape(2, self.pr_bins)
+            self.pr_hist += pr_histogram(score_bins(prob, self.pr_bins), tt == self.pr_class, self.pr_bins)
 
-    def _add_case(self, cid: str, t: torch.Tensor, p: torch.Tensor) -> None:
+    def pr_sources(self, label_map) -> list[int] | None:
+        """Classes whose probabilities sum to the PR score on a case with ``label_map`` (as
+        ``update`` merges them); None when the case does not annotate ``pr_class`` (no PR counts)."""
+        if self.pr_class is None:
+            return None
+        lmap = [int(v) for v in label_map]
+        if lmap[self.pr_class] != self.pr_class:
+            return None
+        return [f for f, to in enumerate(lmap) if to == self.pr_class]
+
+    def _check_range(self, t: torch.Tensor, p: torch.Tensor) -> None:
+        # the counts are keyed in a narrow integer type: values out of range would wrap silently
         c = self.num_classes
-        cm = torch.bincount((t * c + p).flatten(), minlength=c * c).reshape(c, c)
+        for what, x in (("target", t), ("prediction", p)):
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= c):
+                raise ValueError(f"metrics: {what} values outside [0, {c - 1}]")
+
+    def _add_counts(self, t: torch.Tensor, p: torch.Tensor, case_ids, label_maps) -> None:
+        c = self.num_classes
+        if case_ids is None:
+            self.confusion += joint_counts(t, p, c)
+            return
+        for i, cid in enumerate(case_ids):  # one count per item serves the confusion and its case
+            cm = joint_counts(t[i], p[i], c)
+            self.confusion += cm
+            self._add_case(str(cid), cm)
+            if label_maps is not None:
+                self.annotated[str(cid)] = sorted(set(label_maps[i].tolist()))
+
+    def _add_case(self, cid: str, cm: torch.Tensor) -> None:
+        c = self.num_classes
         tp = cm.diag()
         counts = torch.stack([tp, cm.sum(0) - tp, cm.sum(1) - tp], 1)
         self.per_case[cid] = self.per_case.get(cid, torch.zeros(c, 3, dtype=torch.int64)) + counts
@@ -219,4 +294,4 @@ def plot_pr_curve(pr: dict, path, title: str | None = None):
     return atomic_write_bytes(path, buf.getvalue())
 
 
-__all__ = ["SegmentationMetrics", "plot_pr_curve"]
+__all__ = ["SegmentationMetrics", "index_dtype", "joint_counts", "plot_pr_curve", "pr_histogram", "score_bins"]
