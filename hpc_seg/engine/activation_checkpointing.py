@@ -53,6 +53,16 @@ class Checkpointed:
                               context_fn=lambda: (nullcontext(), _running_stats_kept(self)), **kwargs)
         return call(*args, **kwargs)
 
+    def __reduce_ex__(self, protocol):
+        """Pickle (``torch.save(model)``, spawned workers) through the model's own class, which is
+        importable; the checkpointed subclass is made again on loading."""
+        _, _, *rest = super().__reduce_ex__(protocol)
+        return (_new_checkpointed, (type(self).__mro__[2],), *rest)
+
+
+def _new_checkpointed(cls: type):
+    return object.__new__(_checkpointed_class(cls))
+
 
 def _checkpointed_class(cls: type) -> type:
     if cls not in _CLASSES:

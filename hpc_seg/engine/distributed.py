@@ -87,8 +87,12 @@ def detect_env(environ=None) -> DistEnv:
         ntasks, local = int(env.get("SLURM_NTASKS", "1")), int(env.get("SLURM_LOCALID", 0))
         if ntasks == 1:
             return DistEnv(0, 1, local, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "slurm")
-        hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
-        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        # the step's nodes: a step on part of the job's nodes has its rank 0 on the first of them
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        hosts = expand_nodelist(nodes or "127.0.0.1")
+        step_id = env.get("SLURM_STEP_ID", "0")
+        job, step = int(env.get("SLURM_JOB_ID", "0")), int(step_id) if step_id.isdigit() else 0
+        port = int(env.get("MASTER_PORT", 20000 + (job + 7919 * step) % 20000))
         return DistEnv(int(env["SLURM_PROCID"]), ntasks, local, env.get("MASTER_ADDR", hosts[0]), port, "slurm")
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
 
@@ -96,27 +100,39 @@ def detect_env(environ=None) -> DistEnv:
 def cuda_index(local_rank: int, visible: int) -> int:
     """The CUDA device of a local rank among the ``visible`` devices: ``local_rank`` where a task
     sees every GPU of its node, 0 where it sees only its own (``--gpus-per-task``, ``--gpu-bind``,
-    per-task cgroups) — the local rank modulo the visible count covers both."""
+    per-task cgroups) — the local rank modulo the visible count covers both. More ranks than GPUs
+    on a node that shows several is a request error (two ranks on one GPU: NCCL refuses)."""
     if visible < 1:
         raise HpcSegError("no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES="
                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    if visible > 1 and local_rank >= visible:
+        raise HpcSegError(f"local rank {local_rank} but only {visible} GPUs visible: ask for one task per GPU "
+                          "(slurm.tasks_per_node = slurm.gpus_per_node)")
     return local_rank % visible
+
+
+def device_rank(local_rank: int, visible: int) -> int:
+    """What ``LOCAL_RANK`` must say for DeepSpeed, which takes it as the CUDA device index
+    (``torch.cuda.set_device(LOCAL_RANK)`` in its engine and process-group start): the device of
+    :func:`cuda_index` where GPUs are visible, the local rank itself where none are."""
+    return cuda_index(local_rank, visible) if visible else local_rank
 
 
 def init_distributed(env: DistEnv | None = None, timeout_s: float = 1800) -> DistEnv:
     """Export the rendezvous variables and initialise torch.distributed through DeepSpeed; a
-    collective that waits longer than ``timeout_s`` (a dead or hung peer) raises instead of hanging."""
+    collective that waits longer than ``timeout_s`` (a dead or hung peer) fails: gloo raises, NCCL's
+    watchdog aborts the process (srun's ``--kill-on-bad-exit`` then ends the step and the job requeues)."""
     import deepspeed
     import torch.distributed as dist
 
     env = env or detect_env()
-    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+    local = device_rank(env.local_rank, torch.cuda.device_count())
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(local),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     device = device_for(env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead peer ends the step
         deepspeed.init_distributed(dist_backend=coll.backend_name(), auto_mpi_discovery=False, verbose=False,
                                    timeout=timedelta(seconds=timeout_s))
     return env

@@ -51,13 +51,16 @@ def _mismatched_buffers(module: torch.nn.Module):
                 yield m, name, buf, p.dtype
 
 
-def match_buffer_dtypes(module: torch.nn.Module) -> None:
+def match_buffer_dtypes(module: torch.nn.Module) -> int:
     """Float buffers take their module's parameter dtype, on every device. DeepSpeed (0.19) casts
     parameters to fp16/bf16 and leaves buffers in fp32 (older releases cast both): CPU batch norm
     refuses the mix, and CUDA's fused batch-norm backward takes its statistics dtype from the
-    weight ("Expected running_mean to have type Half but got Float")."""
-    for m, name, buf, dtype in list(_mismatched_buffers(module)):
-        setattr(m, name, buf.to(dtype))
+    weight ("Expected running_mean to have type Half but got Float"). In place (``.data``), so the
+    buffer objects others hold stay the module's; returns how many were cast."""
+    found = list(_mismatched_buffers(module))
+    for _, _, buf, dtype in found:
+        buf.data = buf.data.to(dtype)
+    return len(found)
 
 
 def buffers_match_params(module: torch.nn.Module) -> bool:

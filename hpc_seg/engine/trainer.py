@@ -104,7 +104,7 @@ class Trainer:
         source = self._resume_source() if self.resume else None
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, tr), config=self.ds_config)
-        match_buffer_dtypes(self.engine.module)
+        self._buffers_cast = match_buffer_dtypes(self.engine.module)
         self.loss_fn = build_loss(cfg.loss, check_range=False).to(self.device)  # checked on the CPU batch
         self.log = RunLog(self.run_dir, self.env.is_main, tr.tensorboard)
         self._write_run_files()
@@ -153,6 +153,7 @@ class Trainer:
                 "world_size": self.env.world_size, "env_source": self.env.source,
                 "precision": self.cfg.deepspeed.precision, "channels_last": self.cfg.train.channels_last,
                 "buffers_match_params": buffers_match_params(self.engine.module),
+                "buffers_cast": self._buffers_cast,  # > 0: DeepSpeed left them in another dtype
                 "loader_workers": self.loader.num_workers}
 
     def _on_signal(self, signum, frame) -> None:
@@ -386,6 +387,7 @@ class Trainer:
                             break
                 else:
                     self._end_of_epoch()
+                    speed.new_window()  # its validation or checkpoint is not training throughput
             return self._finish()
         except TrainingDiverged as exc:
             self.log.write({"type": "stop", "step": self.step, "reason": str(exc)})

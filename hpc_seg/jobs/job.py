@@ -41,6 +41,20 @@ def extensions_dir(environ=None) -> str:
     return str(Path(base) / f"hpc-seg-torch-extensions-{os.getuid()}" / cpu_type())
 
 
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def clear_inherited_rendezvous(environ=None) -> list[str]:
+    """Drop rendezvous variables sbatch passed on from the submitting shell (a shell inside another
+    distributed job has them): submitit refuses to export over them, and would take an inherited
+    ``MASTER_PORT`` (two jobs then collide on one port) instead of one derived from the job id."""
+    env = os.environ if environ is None else environ
+    dropped = [k for k in RENDEZVOUS if k in env]
+    for k in dropped:
+        del env[k]
+    return dropped
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """Args:
         config: the resolved config as a plain dict (validated again on the node).
@@ -59,9 +73,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
         if env.num_tasks > 1 or "SLURM_JOB_ID" in os.environ:
-            # overwrite: sbatch propagates the submitting shell's RANK/MASTER_ADDR/... (a stale value
-            # would otherwise make submitit refuse to export)
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+            clear_inherited_rendezvous()
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cfg = from_dict(Config, self.config, source=f"{self.run_dir}/config (submitted)")
         if env.num_tasks == 1:  # one process: it may prepare its data first (several ranks never do)
             from hpc_seg.data.prepare import prepare_for_config

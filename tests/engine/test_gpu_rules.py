@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from hpc_seg.config import Config
 from hpc_seg.config.loader import from_dict
-from hpc_seg.engine.distributed import cuda_index, detect_env, expand_nodelist
+from hpc_seg.engine.distributed import cuda_index, detect_env, device_rank, expand_nodelist
 from hpc_seg.engine.ds_config import deepspeed_config
 from hpc_seg.engine.runtime import Throughput, buffers_match_params, configure_backends, match_buffer_dtypes
 from hpc_seg.errors import HpcSegError
@@ -44,7 +44,10 @@ def _bf16_worker(rank, channels_last, out):
     torch.manual_seed(0)
     engine = _engine("bf16", build_model("transunet", "tiny", in_channels=1, num_classes=3))
     out["before"] = buffers_match_params(engine.module)
-    match_buffer_dtypes(engine.module)
+    held = engine.module.state_dict(keep_vars=True)  # references others may hold
+    out["cast"] = match_buffer_dtypes(engine.module)
+    out["same_objects"] = all(v is dict(engine.module.named_buffers())[k] for k, v in held.items()
+                              if k in dict(engine.module.named_buffers()))
     norms = [m for m in engine.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     out["after"] = buffers_match_params(engine.module)
     out["bn_dtypes"] = sorted({(str(m.running_mean.dtype), str(m.weight.dtype)) for m in norms})
@@ -64,7 +67,7 @@ def test_bf16_engine_buffers_follow_parameters_and_train(channels_last):
     them, and a forward/backward runs in both memory layouts (in a process of its own: a group)."""
     out = mp.Manager().dict()
     mp.spawn(_bf16_worker, args=(channels_last, out), nprocs=1, join=True)
-    assert out["after"] and out["finite"], dict(out)
+    assert out["after"] and out["finite"] and out["cast"] > 0 and out["same_objects"], dict(out)
     assert out["bn_dtypes"] == [("torch.bfloat16", "torch.bfloat16")], dict(out)
 
 
@@ -99,9 +102,34 @@ def test_generated_deepspeed_config_for_half_precision_and_overlap():
 def test_local_rank_to_cuda_device():
     assert cuda_index(1, 1) == 0  # --gpus-per-task: each task sees only its own GPU
     assert [cuda_index(r, 4) for r in range(4)] == [0, 1, 2, 3]  # every task sees the node's GPUs
-    assert cuda_index(5, 4) == 1
+    assert cuda_index(3, 1) == 0
     with pytest.raises(HpcSegError, match="no CUDA device is visible"):
         cuda_index(0, 0)
+    with pytest.raises(HpcSegError, match="local rank 5 but only 4 GPUs visible"):
+        cuda_index(5, 4)  # two ranks on one GPU: NCCL would refuse later, less clearly
+
+
+def test_exported_local_rank_is_the_device_deepspeed_will_take():
+    """DeepSpeed calls torch.cuda.set_device(LOCAL_RANK) itself: LOCAL_RANK must name the device."""
+    assert device_rank(1, 1) == 0 and device_rank(2, 4) == 2  # GPUs visible: the CUDA index
+    assert device_rank(1, 0) == 1  # none (the CPU): the local rank itself
+    from tests.engine.conftest import env as train_env
+
+    code = ("import os; from hpc_seg.engine.distributed import DistEnv, init_distributed; "
+            "init_distributed(DistEnv(0, 1, 1, '127.0.0.1', 0, 'slurm')); print(os.environ['LOCAL_RANK'])")
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code.replace("0, 'slurm'", f"{_port()}, 'slurm'")],
+                       capture_output=True, text=True, env=train_env(), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == str(device_rank(1, torch.cuda.device_count()))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_detect_env_sources():
@@ -111,6 +139,9 @@ def test_detect_env_sources():
                        "SLURM_JOB_NODELIST": "gpu[07-08]-ib"})
     assert (many.rank, many.world_size, many.local_rank, many.master_addr, many.master_port) == \
         (5, 8, 1, "gpu07-ib", 20000 + 40123 % 20000)
+    step = detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "40123", "SLURM_STEP_ID": "1",
+                       "SLURM_JOB_NODELIST": "gpu[01-04]", "SLURM_STEP_NODELIST": "gpu[03-04]"})
+    assert step.master_addr == "gpu03" and step.master_port != many.master_port  # the step's own rank 0
     tr = detect_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "MASTER_ADDR": "h", "MASTER_PORT": "9",
                      "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})  # torchrun (or submitit's export) wins
     assert (tr.rank, tr.local_rank, tr.source) == (3, 3, "torchrun")
@@ -122,6 +153,14 @@ def test_expand_nodelist_hostlist_syntax():
     assert expand_nodelist("n[1-2],gpu[01-03,07],login") == ["n1", "n2", "gpu01", "gpu02", "gpu03", "gpu07", "login"]
     assert expand_nodelist("r[1-2]n[08-09]") == ["r1n08", "r1n09", "r2n08", "r2n09"]
     assert expand_nodelist("node001") == ["node001"]
+
+
+def test_inherited_rendezvous_variables_are_dropped_before_export():
+    from hpc_seg.jobs.job import clear_inherited_rendezvous
+
+    env = {"RANK": "5", "MASTER_PORT": "29500", "MASTER_ADDR": "x", "PATH": "/bin", "SLURM_JOB_ID": "3"}
+    assert sorted(clear_inherited_rendezvous(env)) == ["MASTER_ADDR", "MASTER_PORT", "RANK"]
+    assert env == {"PATH": "/bin", "SLURM_JOB_ID": "3"}
 
 
 def test_extensions_dir_is_node_local_and_per_cpu_type(tmp_path):
@@ -213,6 +252,7 @@ def test_bf16_run_with_checkpointing_and_channels_last_logs_its_start(tmp_path, 
     assert r.returncode == 0, r.stderr[-3000:]
     start, = records(run, "startup")
     assert start["buffers_match_params"] and start["precision"] == "bf16" and start["channels_last"]
+    assert start["buffers_cast"] > 0  # DeepSpeed 0.19 leaves BatchNorm buffers fp32: the rule did work
     assert (start["env_source"], start["local_rank"], start["device"]) == ("slurm", 1, "cpu")
     loader, = records(run, "loader_start")
     assert loader["time"] >= start["time"] and loader["workers"] == 1

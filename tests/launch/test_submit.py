@@ -73,7 +73,8 @@ def test_single_run_on_slurm(tmp_path, phantom_store, slurm_cluster):
 def test_two_nodes_one_task_each(tmp_path, phantom_store, slurm_cluster):
     # a submitting shell that is itself inside a distributed job: its rendezvous variables reach the
     # tasks through sbatch and must be replaced, not trusted (nor make submitit refuse)
-    stale = {"RANK": "5", "WORLD_SIZE": "9", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "9", "MASTER_ADDR": "stale.invalid"}
+    stale = {"RANK": "5", "WORLD_SIZE": "9", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "9", "MASTER_ADDR": "stale.invalid",
+             "MASTER_PORT": "stale"}
     r = submit("--config", "tiny_cpu_2node.yaml", "--run-root", str(tmp_path), "--wait",
                *tiny_sets(phantom_store), "--set", "deepspeed.zero_stage=2", env=stale)
     assert r.returncode == 0, r.stdout + r.stderr

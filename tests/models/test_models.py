@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpc_seg.engine.activation_checkpointing import apply_activation_checkpointing
+from hpc_seg.engine.activation_checkpointing import apply_activation_checkpointing, is_checkpointed
 from hpc_seg.errors import ConfigError
 from hpc_seg.models import build_model, count_parameters
 from hpc_seg.models.common import ResidualConvBlock
@@ -119,6 +119,11 @@ def test_activation_checkpointing_same_grads_names_and_running_stats(name, kw):
     ga = dict(a.named_parameters())
     for k, p in b.named_parameters():
         assert torch.allclose(p.grad, ga[k].grad, atol=1e-6), k
+    import copy
+    import pickle
+
+    for clone in (pickle.loads(pickle.dumps(b)), copy.deepcopy(b)):  # torch.save(model), spawned workers
+        assert sum(map(is_checkpointed, clone.modules())) == n and type(clone) is type(a)
     sa = a.state_dict()
     norms = [k for k in sa if k.endswith("num_batches_tracked")]
     assert norms and all(int(sa[k]) == 2 for k in norms)
