@@ -2,14 +2,15 @@
 # Prepare .whl/ (git-ignored) with the cp312 wheels the offline GPU machine lacks (Python 3.12, torch 2.11):
 # the project's dependencies that its image does not hold, and theirs (read from each wheel's METADATA).
 # Versions are the ones CI pins (constraints.txt). DeepSpeed ships as a source archive: its wheel is built
-# here (pure Python; its CUDA ops JIT-build there on first use).
-#   bash bench/gpu_wheels.sh && GPU_CHECK_ARGS=--toy bash bench/gpu_check.sh   # rehearse on the CPU
+# here (pure Python; its CUDA ops JIT-build there on first use). nvidia-ml-py (the pynvml module, not a project
+# dependency): bench/gpu_scale.py reads torch.cuda.utilization() with it where importable.
+#   bash bench/gpu_wheels.sh && GPU_CHECK_ARGS=--toy OUT=/tmp/gc bash bench/gpu_check.sh   # rehearse on the CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf .whl && mkdir -p .whl
 pin() { grep -i "^$1==" constraints.txt | head -1; }
-NAMES="zarr numcodecs nibabel submitit hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions donfig google-crc32c"
+NAMES="zarr numcodecs nibabel submitit hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions donfig google-crc32c nvidia-ml-py"
 PLATS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any"
 for name in $NAMES; do
   spec=$(pin "$name"); spec=${spec:-$name}

@@ -1,6 +1,8 @@
 """Benchmark scripts run end to end at toy size, so that they cannot rot."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,39 +50,130 @@ def test_engine_bench_quick(tmp_path, phantom_store):
     assert res["step_time_1_rank"]["ratio_deepspeed_vs_pytorch"] > 0 and res["scaling"]["speedup_2_vs_1"] > 0
 
 
+def _gpu_scale_module():
+    spec = importlib.util.spec_from_file_location("gpu_scale", ROOT / "bench" / "gpu_scale.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_gpu_scale_script_runs_at_toy_size(tmp_path):
+    """Breadth first: one row of each configuration that matters, each with the planner's prediction,
+    FLOPs and the project's buffer rule; larger batches while the budget lasts; JSON and PNG."""
     out = tmp_path / "gs.json"
-    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu"}
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_scale.py"), "--toy", "--out", str(out)],
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_scale.py"), "--toy", "--out", str(out),
+                        "--work", str(tmp_path / "work"), "--budget-s", "300"],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads(out.read_text())
-    modes = {row["mode"] for row in res["rows"] if row["status"] == "ok"}
-    assert modes == {"pytorch_fp32", "ds_fp16_z2", "ds_fp16_z3", "ds_fp16_z2_ckpt", "ds_fp16_z3_ckpt"}
-    assert all(row["samples_per_s"] > 0 for row in res["rows"] if row["status"] == "ok")
-    assert all(row["predicted_bytes"] > 0 and row["train_flops_per_sample"] > 0
-               for row in res["rows"] if row["status"] == "ok")  # planner prediction and FLOPs beside each row
+    assert res["complete"] and res["toy"]
+    first = [row for row in res["rows"] if row["batch"] == 2]
+    assert [row["name"] for row in first] == ["12l_zero2_ckpt", "24l_zero3_ckpt", "12l_planner", "12l_pytorch_fp32"]
+    ok = [row for row in res["rows"] if row["status"] == "ok"]
+    assert len(ok) == len(res["rows"]) == 6, [(row["key"], row["status"], row.get("error")) for row in res["rows"]]
+    for row in ok:
+        assert row["samples_per_s"] > 0 and row["timed_steps"] == 2 and row["skipped_in_timed"] == 0
+        assert row["predicted_bytes"] > 0 and row["train_flops_per_sample"] > 0  # planner and FLOPs beside each
+        assert row["buffers_match_params"] is True
+        assert row["precision"] == ("fp32" if row["engine"] == "pytorch" else "bf16")  # bf16 stands in for fp16
+    by = {row["key"]: row for row in ok}
+    assert by["12l_zero2_ckpt/b2"]["zero_stage"] == 2 and by["24l_zero3_ckpt/b2"]["zero_stage"] == 3
+    assert by["24l_zero3_ckpt/b2"]["activation_checkpointing"] and by["24l_zero3_ckpt/b2"]["depth"] == 4
+    rec = by["12l_planner/b2"]["planner_recommendation"]
+    assert by["12l_planner/b2"]["zero_stage"] == rec["zero_stage"] and rec["bytes"] <= rec["gpu_memory_bytes"]
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_gpu_check_runs_end_to_end_at_toy_size(tmp_path):
-    """The one-call GPU acceptance script, rehearsed on the CPU (bf16 for fp16, tiny TransUNet)."""
-    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", "OUT": str(tmp_path / "out"),
-           "GPU_CHECK_ARGS": "--toy", "PYTHON": sys.executable}
-    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=900,
-                       env=env)
+def test_gpu_scale_stops_adding_rows_when_the_budget_is_spent(tmp_path):
+    out = tmp_path / "gs.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_scale.py"), "--toy", "--out", str(out),
+                        "--work", str(tmp_path / "work"), "--budget-s", "0"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    res = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    parts = res["parts"]
-    assert parts["collectives"]["ok"] and parts["collectives"]["backend"] == "gloo"
-    fp = parts["fp16"]
-    for step in ("train", "resume", "export", "evaluate", "predict"):
-        assert fp[step]["rc"] == 0, (step, fp[step])
-    assert fp["resumed_from_step"] == 4 and fp["metrics"]["samples_per_s"] > 0
-    assert parts["bf16"]["train"]["rc"] == 0 and parts["scale"]["rc"] == 0 and parts["scale"]["rows_ok"] > 0
-    scale = json.loads((tmp_path / "out" / "gpu_scale.json").read_text())
-    row = next(r for r in scale["rows"] if r["status"] == "ok")
-    assert row["predicted_bytes"] > 0 and row["train_flops_per_sample"] > 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(row["status"] == "skipped (budget)" for row in rows)
+
+
+def test_gpu_scale_24l_row_is_vit_large():
+    """The 24-layer row is transunet_24l.yaml's model at its real width (ViT-L/16: 1024 wide), not ViT-B."""
+    import torch
+
+    gs = _gpu_scale_module()
+    cfg = gs.config_for("24l_zero3_ckpt", 16, toy=False)
+    assert (cfg.model.size, gs.depth_of(cfg), cfg.deepspeed.zero_stage, cfg.train.activation_checkpointing) == \
+        ("r50-vit-l16", 24, 3, True)
+    assert list(cfg.data.size) == [512, 512] and cfg.data.batch_size == 16
+    with torch.device("meta"):
+        params = sum(p.numel() for p in gs.build(cfg).parameters())
+    assert 300e6 < params < 350e6, params  # 325 M (ViT-B width would give ≈ 190 M at 24 layers)
+    assert gs.config_for("12l_zero2_ckpt", 16, toy=False).model.size == "r50-vit-b16"
+
+
+def _gpu_check(tmp_path, args: str, timeout: int):
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OUT": str(out), "GPU_CHECK_ARGS": args,
+           "PYTHON": sys.executable, "TMPDIR": str(tmp)}
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    lines = r.stdout.strip().splitlines()
+    return r, lines, out, tmp
+
+
+def _assert_out_is_small(out: Path, tmp: Path):
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert 1 <= len(files) <= 8, files
+    assert all(p.stat().st_size <= 16 * 1024 ** 2 for p in files)
+    assert all(len(p.relative_to(out).parts) <= 3 for p in out.rglob("*"))  # ≤ 2 folders deep
+    assert not list(tmp.iterdir()), list(tmp.iterdir())  # the scratch (and the children's TMPDIR) removed
+
+
+@pytest.mark.slow
+def test_gpu_check_toy_rehearsal_passes(tmp_path):
+    """The one-call GPU acceptance, rehearsed on the CPU (bf16 for fp16, tiny TransUNet): every check
+    decided and passed, the verdict the last line, OUT small, no scratch left behind."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    r, lines, out, tmp = _gpu_check(tmp_path, "--toy", 900)
+    log = out / "gpu_check.log"
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + (log.read_text()[-6000:] if log.is_file() else "")
+    assert lines[-1] == f"gpu_check: PASS ({len(gc.CHECKS)} checks)", lines[-5:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert res["verdict"] == "PASS" and res["complete"] and res["toy"] and not res["pending"]
+    assert set(res["checks"]) == set(gc.CHECKS)
+    for name, c in res["checks"].items():
+        assert c["ok"] is True and "value" in c and c["limit"], (name, c)
+        assert ("stand_in" in c) == (gc.CHECKS[name][2] is not None), name  # each GPU-only check states its stand-in
+        assert any(line.split()[:2] == ["ok", f"{name}:"] for line in lines), name  # one line per check
+    assert res["checks"]["resume_step"]["value"]["resume_record_step"] == gc.STEPS
+    assert res["checks"]["slurm_localid"]["value"]["device"] == "cpu"
+    assert res["checks"]["sigusr2_checkpoint_exit_75"]["value"]["rc"] == 75
+    assert all(res["parts"][p]["wall_s"] > 0 for p in gc.PARTS)
+    scale = json.loads((out / "gpu_scale.json").read_text())
+    assert any(row["status"] == "ok" and row["predicted_bytes"] > 0 for row in scale["rows"])
+    assert (out / "gpu_check.log").stat().st_size > 0
+    _assert_out_is_small(out, tmp)
+
+
+def test_gpu_check_injected_failure_fails_the_verdict(tmp_path):
+    """--inject-failure: exit status non-zero (through gpu_check.sh), the verdict line names the check."""
+    r, lines, out, tmp = _gpu_check(tmp_path, "--toy --parts collectives --inject-failure collectives", 300)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert lines[-1] == "gpu_check: FAIL: collectives", lines[-5:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert res["verdict"] == "FAIL" and res["complete"] and set(res["checks"]) == {"collectives"}
+    c = res["checks"]["collectives"]
+    assert c["ok"] is False and c["injected"] is True and c["value"]["failed"] is None  # it ran and passed
+    _assert_out_is_small(out, tmp)
+
+
+def test_gpu_check_refuses_an_unknown_check_name(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(tmp_path / "o"),
+                        "--inject-failure", "no_such_check"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no_such_check" in r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_checkpoint_time_bench_toy(tmp_path):
