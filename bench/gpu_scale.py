@@ -11,7 +11,7 @@ Rows, in this order (then the same configurations at larger batches while the bu
 (d) ``12l_pytorch_fp32`` — plain PyTorch fp32 without DeepSpeed (the paper's setting), batch 16.
 
 Each row: the project's DeepSpeed JSON (``hpc_seg.engine.ds_config.deepspeed_config``, with
-``deepspeed.initial_scale_power=12``), optimizer and loss; ``hpc_seg.engine.trainer.match_buffer_dtypes``
+``deepspeed.initial_scale_power=12``), optimizer and loss; ``hpc_seg.engine.runtime.match_buffer_dtypes``
 on the engine's module after ``deepspeed.initialize``; warm-up steps until the fp16 loss scale has
 settled (no skipped step, same scale, twice in a row); timed steps each synchronised, overflow-skipped
 ones not timed; peak memory measured vs planned (``per_gpu_bytes``; the 12-layer profile from
@@ -24,6 +24,9 @@ memcpy intervals ÷ the profiled span) and, where ``pynvml`` (nvidia-ml-py) is i
 runs; each engine is destroyed and freed; the JSON is rewritten atomically after every row; no row
 starts once the budget is spent.
 
+The rows themselves (configuration, model, engine, timed steps, figures) are in ``bench/gpu_scale_rows.py``;
+this file runs them breadth first, adds the planner's predictions, writes the JSON and the plot.
+
     python bench/gpu_scale.py --out gpu_scale.json --budget-s 60      # one H100/H200
     python bench/gpu_scale.py --toy --out /tmp/gs.json                 # CPU, tiny TransUNet, bf16 for fp16
 
@@ -34,270 +37,29 @@ accelerator), a notional 16 GiB card for the planner, no peak memory or idle fra
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import statistics
+import shutil
 import subprocess
 import sys
 import time
 import warnings
-from importlib import import_module
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+BENCH = ROOT / "bench"
+if str(BENCH) not in sys.path:  # gpu_scale_rows imports by name, whether this runs as a script or is loaded by path
+    sys.path.append(str(BENCH))
 
-import torch
+import torch  # noqa: E402
 
-from hpc_seg.utils.atomic import atomic_write_json
+from gpu_scale_rows import (GIB, OOM_ERRORS, ROUNDS, SPECS, TOY_ROUNDS, config_for, datasheet_peak,  # noqa: E402
+                            depth_of, free, io_channels, matmul_rate, run_row)
+from gpu_scale_rows import build  # noqa: E402,F401  (the tests build a row's model through this module)
+from hpc_seg.utils.atomic import atomic_write_json  # noqa: E402
 
-GIB = 1024 ** 3
 PROFILE_12L = ROOT / "bench" / "results" / "planner_profile_transunet_512.json"
-SPECS = {  # name: (config, engine, zero stage, activation checkpointing); planner: from recommend()
-    "12l_zero2_ckpt": ("transunet_12l.yaml", "deepspeed", 2, True),
-    "24l_zero3_ckpt": ("transunet_24l.yaml", "deepspeed", 3, True),
-    "12l_planner": ("transunet_12l.yaml", "deepspeed", None, None),
-    "12l_pytorch_fp32": ("transunet_12l.yaml", "pytorch", 0, False),
-}
-ROUNDS = [(16, list(SPECS)), (32, ["12l_zero2_ckpt", "24l_zero3_ckpt"]), (64, ["12l_zero2_ckpt", "24l_zero3_ckpt"])]
-TOY_ROUNDS = [(2, list(SPECS)), (4, ["12l_zero2_ckpt", "24l_zero3_ckpt"])]
-TOY_DEPTH = {"transunet_12l.yaml": 2, "transunet_24l.yaml": 4}
-DATASHEET_TFLOPS = {"H200 NVL": 835.5, "H200": 989.4, "H100 NVL": 835.5, "H100 PCIe": 756.0, "H100": 989.4,
-                    "A100": 312.0}  # dense fp16/bf16; longer names first
-WARMUP_MIN, WARMUP_MAX = 2, 15
-OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
-
-
-def config_for(spec_name: str, batch: int, toy: bool, planner: dict | None = None):
-    from hpc_seg.config import load_config
-
-    config, engine, stage, ckpt = SPECS[spec_name]
-    if planner is not None:
-        stage, ckpt = planner["zero_stage"], planner["activation_checkpointing"]
-    sets = [f"data.batch_size={batch}", "deepspeed.initial_scale_power=12",
-            f"deepspeed.zero_stage={stage}", f"train.activation_checkpointing={str(ckpt).lower()}"]
-    if engine == "pytorch":
-        sets.append("deepspeed.precision=fp32")
-    elif toy:
-        sets.append("deepspeed.precision=bf16")  # bf16 stands in for fp16 on the CPU
-    if toy:
-        sets += ["model.size=tiny", f"model.overrides={{depth: {TOY_DEPTH[config]}}}", "data.size=[64,64]"]
-    return load_config(config, sets)
-
-
-def io_channels(cfg) -> tuple[int, int]:
-    return (cfg.data.slices if cfg.data.mode == "2.5d" else 1), 3
-
-
-def build(cfg):
-    from hpc_seg.models import build_model
-
-    cin, cout = io_channels(cfg)
-    model = build_model(cfg.model.name, cfg.model.size, in_channels=cin, num_classes=cout, **cfg.model.overrides)
-    if cfg.train.activation_checkpointing:
-        from hpc_seg.engine.activation_checkpointing import apply_activation_checkpointing
-
-        apply_activation_checkpointing(model)
-    return model
-
-
-def depth_of(cfg) -> int:
-    from hpc_seg.models.transunet import SIZES
-
-    return int(cfg.model.overrides.get("depth", SIZES[cfg.model.size]["depth"]))
-
-
-def forward_flops(model, cfg, dev) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cin, _ = io_channels(cfg)
-    was = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(torch.zeros(1, cin, *cfg.data.size, device=dev))
-    model.train(was)
-    return float(fc.get_total_flops())
-
-
-def buffers_match(module) -> bool:
-    for m in module.modules():
-        p = next(m.parameters(recurse=False), None)
-        if p is not None and any(b is not None and b.is_floating_point() and b.dtype != p.dtype
-                                 for b in m.buffers(recurse=False)):
-            return False
-    return True
-
-
-def idle_fraction(step, n: int) -> float | None:
-    """1 − (union of device kernel/memcpy intervals) ÷ (span of all profiled events) over ``n`` steps."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            step()
-        torch.cuda.synchronize()
-    events = list(prof.events())
-    dev = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
-    if not dev or not events:
-        return None
-    span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
-    busy, cur_s, cur_e = 0.0, *dev[0]
-    for s, e in dev[1:]:
-        if s > cur_e:
-            busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    busy += cur_e - cur_s
-    return max(0.0, 1.0 - busy / span) if span > 0 else None
-
-
-def run_row(name: str, cfg, toy: bool, timed_steps: int) -> dict:
-    """One configuration; returns the measured figures (raises on any error; the caller records it)."""
-    from hpc_seg.engine.optim import build_optimizer
-    from hpc_seg.losses import build_loss
-
-    cuda = torch.cuda.is_available()
-    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    prec = cfg.deepspeed.precision
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(prec, torch.float32)
-    b, (h, w) = cfg.data.batch_size, cfg.data.size
-    cin, cout = io_channels(cfg)
-    out: dict = {}
-    engine = model = opt = None
-    backends = getattr(import_module("hpc_seg.engine.trainer"), "configure_backends", None)
-    if backends is not None:  # the trainer's kernel choices (cuDNN autotuning, TF32)
-        backends(cfg.train)
-        out["backends"] = {"cudnn_benchmark": torch.backends.cudnn.benchmark,
-                           "float32_matmul_precision": torch.get_float32_matmul_precision()}
-    try:
-        model = build(cfg)
-        out["params"] = sum(p.numel() for p in model.parameters())
-        model = model.to(dev)
-        out["forward_flops_per_sample"] = forward_flops(model, cfg, dev)
-        loss_fn = build_loss(cfg.loss).to(dev)
-        x = torch.randn(b, cin, h, w, device=dev).to(half)
-        if cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, cout, (b, h, w), device=dev)
-        opt = build_optimizer(model, cfg.train)
-        if SPECS[name][1] == "pytorch":
-            def step():
-                opt.zero_grad(set_to_none=True)
-                loss_fn(model(x), y).backward()
-                opt.step()
-                return False
-
-            module = model
-        else:
-            import deepspeed
-
-            from hpc_seg.engine.ds_config import deepspeed_config
-            from hpc_seg.engine.trainer import match_buffer_dtypes
-
-            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, 1))
-            match_buffer_dtypes(engine.module)  # the project's rule, on every device
-            module = engine.module
-
-            def step():
-                before = int(getattr(engine, "skipped_steps", 0))
-                engine.backward(loss_fn(engine(x), y))
-                engine.step()
-                return int(getattr(engine, "skipped_steps", 0)) > before
-        out["buffers_match_params"] = buffers_match(module)
-
-        def scale():
-            try:
-                return float(engine.optimizer.loss_scale) if engine is not None and prec == "fp16" else None
-            except (AttributeError, TypeError):
-                return None
-
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        # warm-up: until two consecutive steps are unskipped at the same loss scale
-        n, skipped, settled, last = 0, 0, 0, None
-        while n < WARMUP_MAX and (n < WARMUP_MIN or settled < 2):
-            sk = step()
-            n += 1
-            skipped += sk
-            s = scale()
-            settled = settled + 1 if (not sk and s == last) else (1 if not sk else 0)
-            last = s
-        out.update(warmup_steps=n, skipped_in_warmup=skipped, loss_scale=scale())
-        times, sk_timed = [], 0
-        for _ in range(timed_steps):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            sk = step()
-            if cuda:
-                torch.cuda.synchronize()
-            if sk:
-                sk_timed += 1  # an overflow-skipped step has no optimizer update: not timed
-            else:
-                times.append(time.perf_counter() - t0)
-        out.update(timed_steps=len(times), skipped_in_timed=sk_timed, loss_scale_after=scale())
-        if not times:
-            raise RuntimeError(f"all {timed_steps} timed steps were overflow-skipped (loss scale {scale()})")
-        out["step_s_median"] = statistics.median(times)
-        out["samples_per_s"] = b * len(times) / sum(times)
-        if cuda:
-            out["peak_bytes"] = torch.cuda.max_memory_allocated()
-            out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
-            try:
-                out["gpu_idle_fraction"] = idle_fraction(step, 3)
-            except Exception as exc:  # a figure lost, not the row
-                out["gpu_idle_fraction"], out["idle_error"] = None, f"{type(exc).__name__}: {exc}"[:300]
-            try:
-                import pynvml  # noqa: F401  (nvidia-ml-py: torch.cuda.utilization needs it)
-
-                for _ in range(3):  # NVML's figure covers its last sample period: keep the GPU busy in it
-                    step()
-                out["gpu_util_nvml_percent"] = torch.cuda.utilization()
-            except Exception as exc:
-                out["gpu_util_nvml_percent"], out["nvml_error"] = None, f"{type(exc).__name__}: {exc}"[:200]
-        return out
-    finally:
-        if engine is not None and callable(getattr(engine, "destroy", None)):
-            try:
-                engine.destroy()
-            except Exception:
-                pass
-        del engine, model, opt
-
-
-def free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def datasheet_peak(device: str) -> float | None:
-    for key, tflops in DATASHEET_TFLOPS.items():
-        if key in device:
-            return tflops * 1e12
-    return None
-
-
-def matmul_rate(n: int = 8192, reps: int = 20) -> float | None:
-    """Measured bf16 matmul FLOP/s of this GPU (None on the CPU)."""
-    if not torch.cuda.is_available():
-        return None
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    rate = 2 * n ** 3 * reps / (time.perf_counter() - t0)
-    del a, b
-    return rate
 
 
 # ---------------------------------------------------------------------------- planner
@@ -387,7 +149,20 @@ def annotate(rows: list[dict], cfgs: dict, profiles: Profiles, peaks: dict) -> N
 
 
 # ---------------------------------------------------------------------------- driver
-def main(argv=None) -> list[dict]:
+class Sweep:
+    """What the rows share: the arguments, the document being written, profiles, peaks, the card's memory.
+    A plain class: a dataclass needs its module in sys.modules, which loading this file by path skips."""
+
+    def __init__(self, args: argparse.Namespace, out: Path, doc: dict, profiles: Profiles, peaks: dict,
+                 gpu_bytes: int, start: float):
+        self.args, self.out, self.doc, self.profiles, self.peaks = args, out, doc, profiles, peaks
+        self.gpu_bytes, self.start = gpu_bytes, start
+        self.cfgs: dict = {}
+        self.oom: set[str] = set()
+        self.longest = 0.0
+
+
+def parse(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--toy", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_scale.json"))
@@ -395,7 +170,11 @@ def main(argv=None) -> list[dict]:
                     "folder/gpu_scale_work, removed at the end)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="no row starts after this long")
     ap.add_argument("--profile", default=None, help=argparse.SUPPRESS)  # internal: background planner profile
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's deprecated torch.distributed calls
     if args.profile:
         profile_main(args.profile, args.toy, args.out)
@@ -408,12 +187,25 @@ def main(argv=None) -> list[dict]:
     from hpc_seg.engine.distributed import init_distributed
 
     init_distributed()
+    sw = new_sweep(args, out, work, start)
+    rounds, timed = (TOY_ROUNDS, 2) if args.toy else (ROUNDS, 8)
+    try:
+        sweep(sw, rounds, timed)
+        finish(sw)
+    finally:
+        sw.profiles.stop()
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+    return sw.doc["rows"]
+
+
+def new_sweep(args, out: Path, work: Path, start: float) -> Sweep:
+    """Starts the background profiles, measures the peaks and opens the document."""
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else 16 * GIB
     profiles = Profiles(args.toy, work)
     peaks = {"datasheet": datasheet_peak(device), "measured_bf16_matmul": matmul_rate()}
-    rounds, timed = (TOY_ROUNDS, 2) if args.toy else (ROUNDS, 8)
     try:
         import deepspeed
 
@@ -424,75 +216,88 @@ def main(argv=None) -> list[dict]:
            "gpu_memory_bytes": gpu_bytes, "gpu_memory_note": None if cuda else "notional 16 GiB card (CPU run)",
            "budget_s": args.budget_s, "peak_flops": peaks, "planner_profiles": profiles.source, "rows": [],
            "complete": False}
-    rows, cfgs, oom, longest = doc["rows"], {}, set(), 0.0
+    return Sweep(args, out, doc, profiles, peaks, gpu_bytes, start)
+
+
+def sweep(sw: Sweep, rounds: list, timed: int) -> None:
+    """Breadth first over the rounds; the JSON is rewritten after every row."""
+    rows = sw.doc["rows"]
+    for batch, names in rounds:
+        for name in names:
+            row = {"name": name, "batch": batch, "config": SPECS[name][0], "engine": SPECS[name][1],
+                   "key": f"{name}/b{batch}"}
+            elapsed = time.time() - sw.start
+            if name in sw.oom:
+                rows.append({**row, "status": "skipped (a smaller batch ran out of memory)"})
+                continue
+            if elapsed + sw.longest > sw.args.budget_s:
+                rows.append({**row, "status": "skipped (budget)"})
+                continue
+            measure(sw, row, elapsed, timed)
+            sw.longest = max(sw.longest, row["seconds"])
+            rows.append(row)
+            annotate(rows, sw.cfgs, sw.profiles, sw.peaks)
+            atomic_write_json(sw.out, sw.doc)
+            print(json.dumps({k: v for k, v in row.items() if k != "error"} | ({"error": row["error"][:200]}
+                                                                              if "error" in row else {})),
+                  flush=True)
+
+
+def measure(sw: Sweep, row: dict, elapsed: float, timed: int) -> None:
+    """One row into ``row``: its settings and figures, or its error (the next row runs either way)."""
+    name, batch = row["name"], row["batch"]
+    t0 = time.perf_counter()
     try:
-        for batch, names in rounds:
-            for name in names:
-                row = {"name": name, "batch": batch, "config": SPECS[name][0], "engine": SPECS[name][1],
-                       "key": f"{name}/b{batch}"}
-                elapsed = time.time() - start
-                if name in oom:
-                    rows.append({**row, "status": "skipped (a smaller batch ran out of memory)"})
-                    continue
-                if elapsed + longest > args.budget_s:
-                    rows.append({**row, "status": "skipped (budget)"})
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    planner = None
-                    if name == "12l_planner":
-                        from hpc_seg.engine.planner import recommend
-
-                        base = config_for(name, batch, args.toy, {"zero_stage": 0, "activation_checkpointing": False})
-                        prof = profiles.get(SPECS[name][0], wait_s=max(args.budget_s - elapsed, 1))
-                        if prof is None:
-                            raise RuntimeError(f"no planner profile for {SPECS[name][0]}")
-                        planner = recommend(prof, depth_of(base), batch, 1, base.deepspeed.precision, gpu_bytes)
-                        if planner is None:
-                            raise RuntimeError(f"the planner finds no setting that fits {gpu_bytes / GIB:.0f} GiB")
-                        row["planner_recommendation"] = {**planner, "gpu_memory_bytes": gpu_bytes}
-                    cfg = config_for(name, batch, args.toy, planner)
-                    cfgs[row["key"]] = cfg
-                    row.update(zero_stage=cfg.deepspeed.zero_stage if row["engine"] != "pytorch" else None,
-                               activation_checkpointing=cfg.train.activation_checkpointing,
-                               precision=cfg.deepspeed.precision, model=f"{cfg.model.name}/{cfg.model.size}",
-                               depth=depth_of(cfg), resolution=list(cfg.data.size))
-                    row.update(status="ok", **run_row(name, cfg, args.toy, timed))
-                except Exception as exc:  # every error of a row is recorded; the next row runs
-                    oom_error = isinstance(exc, OOM_ERRORS) or "out of memory" in str(exc).lower()
-                    row.update(status="oom" if oom_error else "error", error_type=type(exc).__name__,
-                               error=str(exc)[:1000])
-                    if oom_error:
-                        oom.add(name)
-                finally:
-                    free()
-                row["seconds"] = round(time.perf_counter() - t0, 2)
-                longest = max(longest, row["seconds"])
-                rows.append(row)
-                annotate(rows, cfgs, profiles, peaks)
-                atomic_write_json(out, doc)
-                print(json.dumps({k: v for k, v in row.items() if k != "error"} | ({"error": row["error"][:200]}
-                                                                                  if "error" in row else {})),
-                      flush=True)
-        left = args.budget_s - (time.time() - start)
-        for config in profiles.procs:  # predictions for rows measured before their profile was ready
-            if profiles.get(config, wait_s=max(min(left, 60), 0.01)) is None and config not in profiles.ready:
-                profiles.source[config] += " (not ready within the budget: no prediction)"
-        annotate(rows, cfgs, profiles, peaks)
-        doc["planner_profiles"] = profiles.source
-        doc["complete"], doc["seconds"] = True, round(time.time() - start, 1)
-        atomic_write_json(out, doc)
-        try:
-            plot(rows, out.with_suffix(".png"), device)
-        except Exception as exc:  # the JSON is the result
-            print(f"gpu_scale: no plot ({type(exc).__name__}: {exc})", flush=True)
+        planner = planner_choice(sw, row, elapsed) if name == "12l_planner" else None
+        cfg = config_for(name, batch, sw.args.toy, planner)
+        sw.cfgs[row["key"]] = cfg
+        row.update(zero_stage=cfg.deepspeed.zero_stage if row["engine"] != "pytorch" else None,
+                   activation_checkpointing=cfg.train.activation_checkpointing,
+                   precision=cfg.deepspeed.precision, model=f"{cfg.model.name}/{cfg.model.size}",
+                   depth=depth_of(cfg), resolution=list(cfg.data.size))
+        row.update(status="ok", **run_row(name, cfg, sw.args.toy, timed))
+    except Exception as exc:  # every error of a row is recorded; the next row runs
+        oom_error = isinstance(exc, OOM_ERRORS) or "out of memory" in str(exc).lower()
+        row.update(status="oom" if oom_error else "error", error_type=type(exc).__name__,
+                   error=str(exc)[:1000])
+        if oom_error:
+            sw.oom.add(name)
     finally:
-        profiles.stop()
-        if own_work:
-            import shutil
+        free()
+    row["seconds"] = round(time.perf_counter() - t0, 2)
 
-            shutil.rmtree(work, ignore_errors=True)
-    return rows
+
+def planner_choice(sw: Sweep, row: dict, elapsed: float) -> dict:
+    """The planner's recommendation for the row's batch on this card (waits for its profile within the budget)."""
+    from hpc_seg.engine.planner import recommend
+
+    name, batch = row["name"], row["batch"]
+    base = config_for(name, batch, sw.args.toy, {"zero_stage": 0, "activation_checkpointing": False})
+    prof = sw.profiles.get(SPECS[name][0], wait_s=max(sw.args.budget_s - elapsed, 1))
+    if prof is None:
+        raise RuntimeError(f"no planner profile for {SPECS[name][0]}")
+    planner = recommend(prof, depth_of(base), batch, 1, base.deepspeed.precision, sw.gpu_bytes)
+    if planner is None:
+        raise RuntimeError(f"the planner finds no setting that fits {sw.gpu_bytes / GIB:.0f} GiB")
+    row["planner_recommendation"] = {**planner, "gpu_memory_bytes": sw.gpu_bytes}
+    return planner
+
+
+def finish(sw: Sweep) -> None:
+    """Predictions for rows measured before their profile was ready, the final JSON, the plot."""
+    rows = sw.doc["rows"]
+    left = sw.args.budget_s - (time.time() - sw.start)
+    for config in sw.profiles.procs:
+        if sw.profiles.get(config, wait_s=max(min(left, 60), 0.01)) is None and config not in sw.profiles.ready:
+            sw.profiles.source[config] += " (not ready within the budget: no prediction)"
+    annotate(rows, sw.cfgs, sw.profiles, sw.peaks)
+    sw.doc["planner_profiles"] = sw.profiles.source
+    sw.doc["complete"], sw.doc["seconds"] = True, round(time.time() - sw.start, 1)
+    atomic_write_json(sw.out, sw.doc)
+    try:
+        plot(rows, sw.out.with_suffix(".png"), sw.doc["device"])
+    except Exception as exc:  # the JSON is the result
+        print(f"gpu_scale: no plot ({type(exc).__name__}: {exc})", flush=True)
 
 
 def plot(rows, path: Path, device: str) -> None:
