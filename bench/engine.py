@@ -80,14 +80,30 @@ def model_states_worker(stage: int, out: str) -> None:
     Path(out).with_suffix(f".rank{env.rank}.json").write_text(json.dumps(rec))
 
 
+def free_port() -> int:
+    """A port no other run holds now (fixed ports collide with concurrent runs on one machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_checked(cmd: list[str], **kw) -> None:
+    """Run; on failure raise with the command's own output (the reason), not only its exit code."""
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} … exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+
+
 def model_states(world: int = 2) -> dict:
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         for stage in range(4):
             out = Path(tmp) / f"s{stage}"
             cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world), "--master_port",
-                   str(29700 + stage), __file__, "--model-states-worker", str(stage), "--out", str(out)]
-            subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+                   str(free_port()), __file__, "--model-states-worker", str(stage), "--out", str(out)]
+            run_checked(cmd, env={**os.environ, "DS_ACCELERATOR": "cpu"})
             ranks = [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(world)]
             psi = ranks[0]["psi"]
             measured = max(r["total"] for r in ranks) / psi
@@ -161,9 +177,10 @@ def scaling(steps: int, store: Path) -> dict:
             args = ["--config", "tiny_cpu.yaml", "--run-dir", str(run)] + [a for s in sets for a in ("--set", s)]
             bin_dir = Path(sys.executable).parent
             cmd = ([str(bin_dir / "hpc-seg"), "train"] if n == 1 else
-                   [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", "29790", "-m", "hpc_seg.train"])
-            subprocess.run(cmd + args, check=True, capture_output=True, cwd=ROOT,
-                           env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(2 // n, 1))})
+                   [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                    "-m", "hpc_seg.train"])
+            run_checked(cmd + args, cwd=ROOT,
+                        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(2 // n, 1))})
             recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             out[f"samples_per_s_{n}_rank"] = [r for r in recs if r["type"] == "train"][-1]["samples_per_s"]
     out["speedup_2_vs_1"] = out["samples_per_s_2_rank"] / out["samples_per_s_1_rank"]
