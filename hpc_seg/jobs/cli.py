@@ -83,7 +83,8 @@ def submit(grid: str | None, points, local: bool, wait: bool) -> int:
     else:
         jobs = [executor.submit(jobs_in[0])]
     for p, job in zip(points, jobs):
-        (p.run_dir / "job_ids.txt").open("a").write(f"{job.job_id}\n")
+        with open(p.run_dir / "job_ids.txt", "a") as ids:  # appended: a run dir keeps every job it had
+            ids.write(f"{job.job_id}\n")
         print(f"submitted {p.name}: job {job.job_id} ({executor.cluster}); run dir {p.run_dir}; "
               f"log {job.paths.stdout}")
     if not wait:
