@@ -6,6 +6,8 @@ atomically after every check and every part, so a run cut short still says what 
 (``complete: false``; a check not yet decided counts as failed). One line per check is printed as it
 is decided; the LAST line printed is the verdict (``gpu_check: PASS (N checks)`` or
 ``gpu_check: FAIL: name, name``); the exit status is 0 on PASS, 1 on FAIL, 2 on bad arguments.
+On SIGTERM or SIGINT (and at any exit before the verdict) every child's process group is killed, the checks
+not yet decided fail, and the report and the verdict line are still written (exit status 1).
 
 Parts (``--parts``, comma-separated; each has a time budget, all together a global one):
 
@@ -19,7 +21,8 @@ Parts (``--parts``, comma-separated; each has a time budget, all together a glob
 * ``bf16`` — the same recipe in bf16 with ``train.channels_last: false`` (the other layout) under a
   SLURM-like environment (``SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=1``, ``CUDA_VISIBLE_DEVICES=0``),
   stopped by SIGUSR2.
-* ``scale`` — ``bench/gpu_scale.py`` within its budget (rows stop when it is spent).
+* ``scale`` — ``bench/gpu_scale.py`` within its budget (rows stop when it is spent); run last, it may also
+  use what the earlier parts left of the global budget (unless ``--budgets`` names it).
 
 Everything is written under ``--work`` (scratch; ``bench/gpu_check.sh`` makes one outside ``OUT`` and
 removes it); ``OUT`` gets only gpu_check.json, gpu_check.log (bounded tails of the command logs),
@@ -40,9 +43,11 @@ scale) and ``bench/gpu_check_train.py`` (fp16, bf16).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -126,21 +131,52 @@ def main(argv=None) -> int:
     tmp_dir = children_tmp_dir(work)
     run = Run(out, work, args.toy, parts, set(args.inject_failure),
               args.budget_s or (TOY_TOTAL_S if args.toy else TOTAL_S), budgets)
+    run.report["budgets_given"] = sorted({i.partition("=")[0] for i in filter(None, args.budgets.split(","))})
+    run.report["children_tmp_dir"] = tmp_dir  # gpu_check.sh removes it where this process could not
+    install_handlers(run)
     try:
         drive(run, parts, budgets)
     except BaseException as exc:  # the verdict line must still come
-        run.report["harness_error"] = "".join(traceback.format_exception(exc))[-3000:]
+        with run.lock:  # the data thread may be writing the report
+            run.report["harness_error"] = "".join(traceback.format_exception(exc))[-3000:]
         run.note(run.report["harness_error"])
-        run.undecided({CHECKS[n][0] for n in CHECKS}, f"gpu_check.py itself failed: {type(exc).__name__}: {exc}")
+        why = f"gpu_check.py was stopped ({exc})" if isinstance(exc, core.Stopped) else \
+            f"gpu_check.py itself failed: {type(exc).__name__}: {exc}"
+        run.undecided({CHECKS[n][0] for n in CHECKS}, why)
     finally:
+        core.kill_children()  # a data preparation still running past the global budget, or after a signal
         shutil.rmtree(tmp_dir, ignore_errors=True)
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
     return verdict(run)
 
 
+def install_handlers(run: Run) -> None:
+    """SIGTERM/SIGINT: kill every child group, then unwind to the verdict (Stopped in the main thread).
+    At exit: kill what is left and, where no verdict was written, write it (all undecided checks FAIL)."""
+    def on_signal(signum, _frame):
+        first = not core.STOPPING.is_set()
+        core.SIGNALS.append(signal.Signals(signum).name)  # into the report at its next save (no lock here)
+        if first and not run.finishing:
+            core.stop(f"received {signal.Signals(signum).name}")
+        else:
+            core.kill_children()
+
+    def at_exit():
+        core.kill_children()
+        if not run.report.get("complete"):
+            with run.lock:
+                run.report.setdefault("harness_error", "gpu_check.py exited before its verdict")
+            verdict(run)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    atexit.register(at_exit)
+
+
 def verdict(run: Run) -> int:
     """Decides what is left, writes the final report, prints the verdict as the last line; the exit status."""
+    run.finishing = True
     run.undecided({CHECKS[n][0] for n in CHECKS}, "its part did not decide it")
     run.report["complete"] = True
     run.save()
@@ -201,7 +237,8 @@ def join_data(run: Run, prep_thread: threading.Thread, data: dict) -> bool:
     """Waits for the data (within the global budget) and decides ``data_prepared``."""
     prep_thread.join(max(run.left(), 0))
     prep_thread_done = not prep_thread.is_alive()
-    run.report["parts"]["data"] = data
+    with run.lock:
+        run.report["parts"]["data"] = data
     data_ok = prep_thread_done and data.get("rc") == 0
     run.decide("data_prepared", data_ok, {"rc": data.get("rc", "still running"), "seconds": data.get("wall_s")})
     return data_ok
@@ -209,6 +246,8 @@ def join_data(run: Run, prep_thread: threading.Thread, data: dict) -> bool:
 
 def run_part(run: Run, part: str, budgets: dict) -> None:
     budget = min(budgets[part], run.left())
+    if part == "scale" and part == run.parts[-1] and part not in run.report["budgets_given"]:
+        budget = max(budget, run.left())  # the last part: what the earlier ones left of the global budget too
     print(f"gpu_check: part {part} (budget {budget:.0f} s)", flush=True)
     t0 = time.perf_counter()
     try:
@@ -219,7 +258,8 @@ def run_part(run: Run, part: str, budgets: dict) -> None:
         info = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
         run.note(f"part {part} raised:\n{info['traceback']}")
     run.undecided({part}, f"part {part} ended early ({info.get('error', 'see gpu_check.log')})")
-    run.report["parts"][part] = {**info, "wall_s": round(time.perf_counter() - t0, 1), "budget_s": round(budget)}
+    with run.lock:
+        run.report["parts"][part] = {**info, "wall_s": round(time.perf_counter() - t0, 1), "budget_s": round(budget)}
     run.save()
 
 

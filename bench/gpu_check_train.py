@@ -12,14 +12,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from gpu_check_core import (IOU_TOLERANCE, LAST_K, RESUME_STEPS, SKIPPED_LIMIT, STEPS, Run, child_env, finite, hpc,
-                            kill_group, latest_tag, of_type, r4, records, sh)
+from gpu_check_core import (HYSTERESIS, INITIAL_SCALE_POWER, IOU_TOLERANCE, LAST_K, LOSS_SCALE_WINDOW,
+                            MIN_LOSS_SCALE, RESUME_STEPS, SKIPPED_LIMIT, STEPS, Run, child_env, expected_loss_scale,
+                            finite, hpc, latest_tag, of_type, r4, reap, records, sh, spawn)
 
 
 def recipe_sets(run: Run, precision: str, steps: int, extra: tuple = ()) -> list[str]:
     sets = [f"data.store={run.work / 'store.zarr'}", f"train.max_steps={steps}", "train.val_max_cases=1",
             "train.log_every_steps=1", "train.warmup_steps=1", f"deepspeed.precision={precision}",
-            "deepspeed.initial_scale_power=12"]  # 2^12: timed steps are not all overflow-skipped
+            f"deepspeed.initial_scale_power={INITIAL_SCALE_POWER}",  # 2^12: the first steps are not all skipped
+            f"deepspeed.hysteresis={HYSTERESIS}", f"deepspeed.loss_scale_window={LOSS_SCALE_WINDOW}",
+            f"deepspeed.min_loss_scale={MIN_LOSS_SCALE}"]  # the scaler expected_loss_scale() models (the defaults)
     if run.toy:
         sets += ["model.size=tiny", "model.overrides={depth: 2}", "data.size=[64,64]", "data.batch_size=4",
                  "data.num_workers=2", "train.lr=1.0e-3"]
@@ -100,17 +103,27 @@ def fp16_train_checks(run: Run, tr: dict, train: list[dict], precision: str) -> 
     skipped = train[-1].get("skipped_steps")
     run.decide("fp16_skipped_steps", isinstance(skipped, int) and skipped <= SKIPPED_LIMIT,
                {"skipped_steps": skipped, "steps": train[-1].get("step"), "limit": SKIPPED_LIMIT})
-    tail = train[-LAST_K:]
+    loss_scale_check(run, train, precision)
+
+
+def loss_scale_check(run: Run, train: list[dict], precision: str) -> None:
+    """fp16: the last loss scale is what DeepSpeed's scaler gives after that many overflows, and none of the
+    last LAST_K steps overflowed. bf16 (the toy's stand-in): none skipped, losses finite."""
+    tail = train[-(LAST_K + 1):]  # the record before the last LAST_K steps too: a skip at any of them shows
     skips = [r.get("skipped_steps") for r in tail]
-    stable = len(tail) == LAST_K and len(set(skips)) == 1 and skips[0] is not None
+    no_skip = len(tail) == LAST_K + 1 and all(isinstance(k, int) for k in skips) and len(set(skips)) == 1
+    last = train[-1]
     if precision == "fp16":
-        scales = [r.get("loss_scale") for r in tail]
-        ok = stable and all(finite(s) for s in scales) and len(set(scales)) == 1
-        run.decide("fp16_loss_scale_settled", ok, {"loss_scale_last": scales, "skipped_steps_last": skips})
+        k, scale = last.get("skipped_steps"), last.get("loss_scale")
+        want = expected_loss_scale(k) if isinstance(k, int) else None
+        in_window = isinstance(last.get("step"), int) and last["step"] < LOSS_SCALE_WINDOW
+        ok = no_skip and in_window and finite(scale) and scale == want
+        run.decide("fp16_loss_scale_settled", ok, {"loss_scale": scale, "expected": want, "skipped_steps": k,
+                                                   "step": last.get("step"), f"skipped_steps_last{LAST_K + 1}": skips})
     else:
-        ok = stable and all(finite(r.get("loss")) for r in tail)
-        run.decide("fp16_loss_scale_settled", ok, {"loss_scale": "none (bf16)", "skipped_steps_last": skips,
-                                                   "losses_finite": all(finite(r.get("loss")) for r in tail)})
+        losses_ok = all(finite(r.get("loss")) for r in tail)
+        run.decide("fp16_loss_scale_settled", no_skip and losses_ok,
+                   {"loss_scale": "none (bf16)", f"skipped_steps_last{LAST_K + 1}": skips, "losses_finite": losses_ok})
 
 
 def fp16_startup_checks(run: Run, recs: list[dict], precision: str, info: dict) -> None:
@@ -186,11 +199,28 @@ def fp16_evaluate_checks(run: Run, model: Path, step: int | None, recs: list[dic
     run.decide("evaluate_on_cuda", dev.split(":")[0] == want and ev["rc"] == 0,
                {"device": dev, "expected": want, "rc": ev["rc"], "volumes_per_s": r4(m.get("volumes_per_s"))})
     vals = [r for r in of_type(recs, "val") if r.get("step") == step]
-    vi, ei = (vals[-1].get("mean_iou") if vals else None), m.get("mean_iou")
-    diff = abs(vi - ei) if finite(vi) and finite(ei) else None
-    run.decide("export_matches_validation", diff is not None and diff <= IOU_TOLERANCE,
-               {"step": step, "validation_mean_iou": r4(vi), "evaluate_mean_iou": r4(ei), "abs_diff": r4(diff),
-                "tolerance": IOU_TOLERANCE})
+    export_iou_check(run, vals[-1] if vals else None, m, step)
+
+
+def export_iou_check(run: Run, val: dict | None, m: dict, step: int | None) -> None:
+    """Per-class IoU, evaluate vs in-training validation, over the classes defined (not None) on both sides:
+    a mean over the defined classes alone would jump when a stray voxel defines a class on one side only."""
+    if val is None:
+        run.decide("export_matches_validation", False, f"no 'val' record at the exported step {step}")
+        return
+    ev = {n: c.get("iou") for n, c in (m.get("per_class") or {}).items()}
+    va = {n: val.get(f"iou_{n}") for n in ev}
+    both = [n for n in ev if finite(ev[n]) and finite(va[n])]
+    diffs = {n: abs(ev[n] - va[n]) for n in both}
+    worst = max(diffs.values()) if diffs else None
+    value = {"step": step, "classes_compared": both, "max_abs_diff": r4(worst),
+             "abs_diff": {n: r4(d) for n, d in diffs.items()},
+             "not_compared": {n: f"validation {r4(va[n])}, evaluate {r4(ev[n])}" for n in ev if n not in both},
+             "validation_iou": {n: r4(va[n]) for n in ev}, "evaluate_iou": {n: r4(ev[n]) for n in ev},
+             "tolerance": IOU_TOLERANCE}
+    if not both:
+        value["max_abs_diff"] = f"no class has an IoU on both sides (classes {list(ev)})"
+    run.decide("export_matches_validation", worst is not None and worst <= IOU_TOLERANCE, value)
 
 
 def fp16_predict_check(run: Run, model: Path, info: dict, left: Callable[[], float]) -> None:
@@ -227,12 +257,19 @@ def bf16_part(run: Run, budget: float) -> dict:
     log = run.work / "logs" / "bf16-slurm-sigusr2.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with open(log, "w") as f:
+    with open(log, "w") as f, run.running("bf16-slurm-sigusr2", t_end - time.time()) as entry:
         f.write(f"$ {' '.join(f'{k}={v}' for k, v in slurm.items())} {' '.join(map(str, cmd))}\n")
         f.flush()
-        p = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=run.work, env=env,
-                             start_new_session=True)
-        rc, sig_step = _signal_and_wait(run, p, rd, t_end, t0, info)
+        p = spawn(cmd, f, run.work, env)
+        if p is None:
+            return {**info, "rc": "skipped (gpu_check.py is stopping)"}
+        with run.lock:
+            entry["pgid"] = p.pid
+        run.save()
+        try:
+            rc, sig_step = _signal_and_wait(run, p, rd, t_end, t0, info)
+        finally:
+            reap(p)  # whatever is left of its group
     info["rc"], info["seconds"] = rc, round(time.perf_counter() - t0, 1)
     run.add_log(f"bf16-slurm-sigusr2 rc={rc} {info['seconds']} s", log, rc != 75)
     recs = records(rd)
@@ -267,8 +304,6 @@ def _signal_and_wait(run: Run, p: subprocess.Popen, rd: Path, t_end: float, t0: 
             (p.poll() if p.poll() is not None else "no train record in time")
     except subprocess.TimeoutExpired:
         rc = "timeout after the signal"
-    if p.poll() is None:
-        kill_group(p)
     return rc, sig_step
 
 

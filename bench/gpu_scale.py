@@ -18,11 +18,15 @@ ones not timed; peak memory measured vs planned (``per_gpu_bytes``; the 12-layer
 ``bench/results/planner_profile_transunet_512.json``, the 24-layer one measured on the CPU in a
 background process while the GPU rows run); samples/s; model FLOPs utilisation (3 × forward FLOPs per
 sample × samples/s ÷ peak: the datasheet's dense fp16/bf16 peak and a bf16 matmul measured here);
-GPU idle fraction over a few steps from ``torch.profiler`` (1 − the union of the device's kernel and
-memcpy intervals ÷ the profiled span) and, where ``pynvml`` (nvidia-ml-py) is importable,
-``torch.cuda.utilization()``. Every error of a row is recorded (type and message) and the next row
-runs; each engine is destroyed and freed; the JSON is rewritten atomically after every row; no row
-starts once the budget is spent.
+GPU idle fraction over one step from ``torch.profiler`` with CUDA activity only (1 − the union of the
+device's kernel and memcpy intervals ÷ the step's synchronised wall time) and, where ``pynvml``
+(nvidia-ml-py) is importable, ``torch.cuda.utilization()``. A row whose config sets ``train.channels_last``
+(the transunet recipes do) feeds an NHWC batch, as the trainer does, and records its ``layout``; the plain
+PyTorch row converts its model to channels_last too, the DeepSpeed rows cannot (``deepspeed.initialize``
+views each parameter as bytes, which NHWC weights refuse); ``conv_weights_channels_last`` says which. Every error of a row is recorded (type and message) and the next row runs; each
+engine is destroyed and freed; the JSON's header (device, budget, the configurations and rows planned, no
+rows) is written before the first row and the JSON rewritten atomically after every row; no row starts once
+the budget is spent.
 
 The rows themselves (configuration, model, engine, timed steps, figures) are in ``bench/gpu_scale_rows.py``;
 this file runs them breadth first, adds the planner's predictions, writes the JSON and the plot.
@@ -31,7 +35,8 @@ this file runs them breadth first, adds the planner's predictions, writes the JS
     python bench/gpu_scale.py --toy --out /tmp/gs.json                 # CPU, tiny TransUNet, bf16 for fp16
 
 On the CPU (``--toy``): tiny TransUNet at 64², batches 2 and 4, bf16 for fp16 (DeepSpeed's CPU
-accelerator), a notional 16 GiB card for the planner, no peak memory or idle fraction (CUDA only).
+accelerator), a notional 16 GiB card for the planner, no peak memory or idle fraction (CUDA only: each
+row says so in ``cuda_figures``).
 """
 
 from __future__ import annotations
@@ -187,7 +192,7 @@ def main(argv=None) -> list[dict]:
     from hpc_seg.engine.distributed import init_distributed
 
     init_distributed()
-    sw = new_sweep(args, out, work, start)
+    sw = new_sweep(args, out, work, start)  # writes the header
     rounds, timed = (TOY_ROUNDS, 2) if args.toy else (ROUNDS, 8)
     try:
         sweep(sw, rounds, timed)
@@ -200,22 +205,31 @@ def main(argv=None) -> list[dict]:
 
 
 def new_sweep(args, out: Path, work: Path, start: float) -> Sweep:
-    """Starts the background profiles, measures the peaks and opens the document."""
+    """Opens the document and writes its header (no rows yet), then starts the background profiles and
+    measures the matmul peak."""
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else 16 * GIB
-    profiles = Profiles(args.toy, work)
-    peaks = {"datasheet": datasheet_peak(device), "measured_bf16_matmul": matmul_rate()}
+    peaks = {"datasheet": datasheet_peak(device), "measured_bf16_matmul": None}
     try:
         import deepspeed
 
         ds_version = deepspeed.__version__
     except Exception as exc:
         ds_version = f"not importable: {type(exc).__name__}: {exc}"
+    rounds = TOY_ROUNDS if args.toy else ROUNDS
     doc = {"device": device, "torch": torch.__version__, "deepspeed": ds_version, "toy": args.toy,
            "gpu_memory_bytes": gpu_bytes, "gpu_memory_note": None if cuda else "notional 16 GiB card (CPU run)",
-           "budget_s": args.budget_s, "peak_flops": peaks, "planner_profiles": profiles.source, "rows": [],
-           "complete": False}
+           "budget_s": args.budget_s, "configs": {n: dict(zip(("config", "engine", "zero_stage",
+                                                                "activation_checkpointing"), v))
+                                                   for n, v in SPECS.items()},
+           "rows_planned": [f"{n}/b{b}" for b, names in rounds for n in names], "peak_flops": peaks,
+           "planner_profiles": {}, "rows": [], "complete": False}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, doc)  # a run killed before its first row still says what it was to measure
+    profiles = Profiles(args.toy, work)
+    doc["planner_profiles"] = profiles.source
+    peaks["measured_bf16_matmul"] = matmul_rate()
     return Sweep(args, out, doc, profiles, peaks, gpu_bytes, start)
 
 
@@ -254,7 +268,8 @@ def measure(sw: Sweep, row: dict, elapsed: float, timed: int) -> None:
         row.update(zero_stage=cfg.deepspeed.zero_stage if row["engine"] != "pytorch" else None,
                    activation_checkpointing=cfg.train.activation_checkpointing,
                    precision=cfg.deepspeed.precision, model=f"{cfg.model.name}/{cfg.model.size}",
-                   depth=depth_of(cfg), resolution=list(cfg.data.size))
+                   depth=depth_of(cfg), resolution=list(cfg.data.size),
+                   layout="channels_last" if cfg.train.channels_last else "nchw")
         row.update(status="ok", **run_row(name, cfg, sw.args.toy, timed))
     except Exception as exc:  # every error of a row is recorded; the next row runs
         oom_error = isinstance(exc, OOM_ERRORS) or "out of memory" in str(exc).lower()

@@ -91,20 +91,22 @@ def buffers_match(module) -> bool:
     return True
 
 
-def idle_fraction(step, n: int) -> float | None:
-    """1 − (union of device kernel/memcpy intervals) ÷ (span of all profiled events) over ``n`` steps."""
+def idle_fraction(step) -> dict:
+    """1 − (union of the device's kernel/memcpy intervals) ÷ (wall time of one synchronised step), from
+    ``torch.profiler`` with CUDA activity only: no CPU operator events, so ``prof.events()`` stays small."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()
-    events = list(prof.events())
-    dev = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
-    if not dev or not events:
-        return None
-    span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    dev = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    out = {"gpu_idle_fraction": None, "profiled_step_s": wall_us / 1e6, "profiled_device_events": len(dev)}
+    if not dev or wall_us <= 0:
+        return out
     busy, cur_s, cur_e = 0.0, *dev[0]
     for s, e in dev[1:]:
         if s > cur_e:
@@ -113,7 +115,8 @@ def idle_fraction(step, n: int) -> float | None:
         else:
             cur_e = max(cur_e, e)
     busy += cur_e - cur_s
-    return max(0.0, 1.0 - busy / span) if span > 0 else None
+    out.update(gpu_idle_fraction=min(1.0, max(0.0, 1.0 - busy / wall_us)), gpu_busy_s=busy / 1e6)
+    return out
 
 
 # ---------------------------------------------------------------------------- one row
@@ -129,14 +132,17 @@ def run_row(name: str, cfg, toy: bool, timed_steps: int) -> dict:
     try:
         step, module = prepared_step(name, cfg, dev, out, held)
         out["buffers_match_params"] = buffers_match(module)
+        conv = [p for p in module.parameters() if p.dim() == 4]  # none once ZeRO-3 has partitioned them
+        out["conv_weights_channels_last"] = all(p.is_contiguous(memory_format=torch.channels_last)
+                                                for p in conv) if conv else None
         scale = loss_scale_reader(held.get("engine"), cfg.deepspeed.precision)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         out.update(warm_up(step, scale))
         out.update(timed(step, scale, timed_steps, cfg.data.batch_size, cuda))
-        if cuda:
-            out.update(cuda_figures(step))
+        out.update(cuda_figures(step) if cuda else {"cuda_figures": "none: no CUDA device (peak memory, GPU idle "
+                                                                    "fraction and NVML utilisation need one)"})
         return out
     finally:
         engine = held.pop("engine", None)
@@ -161,6 +167,10 @@ def prepared_step(name: str, cfg, dev, out: dict, held: dict) -> tuple[Callable[
     model = held["model"] = build(cfg)
     out["params"] = sum(p.numel() for p in model.parameters())
     model = held["model"] = model.to(dev)
+    if cfg.train.channels_last and SPECS[name][1] == "pytorch":
+        # NHWC weights too; not under DeepSpeed: deepspeed.initialize's _broadcast_model views every parameter
+        # as bytes (p.data.view(torch.uint8)), which NHWC weights refuse. The trainer converts only its batch.
+        model = held["model"] = model.to(memory_format=torch.channels_last)
     out["forward_flops_per_sample"] = forward_flops(model, cfg, dev)
     loss_fn = build_loss(cfg.loss).to(dev)
     x = torch.randn(b, cin, h, w, device=dev).to(half)
@@ -248,7 +258,7 @@ def cuda_figures(step) -> dict:
     """Peak memory, the profiler's idle fraction and NVML's utilisation; a lost figure does not fail the row."""
     out = {"peak_bytes": torch.cuda.max_memory_allocated(), "peak_reserved_bytes": torch.cuda.max_memory_reserved()}
     try:
-        out["gpu_idle_fraction"] = idle_fraction(step, 3)
+        out.update(idle_fraction(step))
     except Exception as exc:  # a figure lost, not the row
         out["gpu_idle_fraction"], out["idle_error"] = None, f"{type(exc).__name__}: {exc}"[:300]
     try:

@@ -3,8 +3,10 @@
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,6 +176,136 @@ def test_gpu_check_refuses_an_unknown_check_name(tmp_path):
                         "--inject-failure", "no_such_check"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no_such_check" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _live_in_groups(groups: set[int]) -> list[tuple[int, int, str]]:
+    """(pid, pgid, state) of every process, zombies excepted, whose process group is one of ``groups``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # it ended while we looked
+        state, pgid = fields[0], int(fields[2])
+        if pgid in groups and state not in ("Z", "X"):
+            found.append((int(stat.parent.name), pgid, state))
+    return found
+
+
+def _wait_for_running(report: Path, p: subprocess.Popen, title: str, timeout: float) -> tuple[dict, dict]:
+    """The report and its ``running`` entry for ``title`` once that command has started (has a pgid)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None:
+        try:
+            rep = json.loads(report.read_text())
+        except (OSError, ValueError):
+            rep = {}
+        entry = next((e for e in rep.get("running", []) if e.get("title") == title and e.get("pgid")), None)
+        if entry:
+            return rep, entry
+        time.sleep(0.2)
+    raise AssertionError(f"no running '{title}' entry within {timeout} s (rc {p.poll()})")
+
+
+def test_gpu_check_sigterm_mid_run_leaves_a_fail_verdict_and_no_children(tmp_path):
+    """SIGTERM to gpu_check.py while the toy fp16 training runs (with its loader workers): every child's
+    process group is killed, the report is complete and FAIL, the FAIL verdict is the last line."""
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OUT": str(out), "GPU_CHECK_ARGS": "--toy --parts fp16",
+           "PYTHON": sys.executable, "TMPDIR": str(tmp)}
+    p = subprocess.Popen(["bash", str(ROOT / "bench" / "gpu_check.sh")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        rep, entry = _wait_for_running(out / "gpu_check.json", p, "fp16-train", 300)
+        for _ in range(750):  # up to 150 s for the loader workers: a group of more than its leader
+            if len(_live_in_groups({entry["pgid"]})) >= 3 or p.poll() is not None:
+                break
+            time.sleep(0.2)
+        members = _live_in_groups({entry["pgid"]})
+        os.kill(rep["pid"], signal.SIGTERM)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    lines = stdout.strip().splitlines()
+    assert p.returncode not in (0, None), stdout[-3000:] + stderr[-3000:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert res["verdict"] == "FAIL" and res["complete"] and res["signals"][0] == "SIGTERM", res
+    failing = [n for n, c in res["checks"].items() if not c["ok"]]
+    assert lines[-1] == f"gpu_check: FAIL: {', '.join(failing + ['harness'])}", lines[-5:]
+    assert res["checks"]["loss_falling"]["value"].startswith("not decided: gpu_check.py was stopped")
+    assert [e["title"] for e in res["interrupted"]] == ["fp16-train"] and not res["running"]
+    assert entry["pgid"] in res["child_groups"] and len(members) >= 2, members  # the leader and its workers
+    groups = set(res["child_groups"])
+    for _ in range(50):  # SIGKILLed processes vanish at once; allow the scheduler a moment
+        if not _live_in_groups(groups):
+            break
+        time.sleep(0.1)
+    assert not _live_in_groups(groups), _live_in_groups(groups)
+    _assert_out_is_small(out, tmp)
+
+
+def test_gpu_check_sh_reports_fail_when_the_driver_is_killed(tmp_path):
+    """SIGKILL to gpu_check.py (no handler can run): gpu_check.sh patches its report to a complete FAIL with
+    the exit status, kills what is left of the run's process groups and prints the FAIL verdict last."""
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OUT": str(out), "GPU_CHECK_ARGS": "--toy --parts collectives",
+           "PYTHON": sys.executable, "TMPDIR": str(tmp)}
+    p = subprocess.Popen(["bash", str(ROOT / "bench" / "gpu_check.sh")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        rep, entry = _wait_for_running(out / "gpu_check.json", p, "collectives", 120)
+        os.kill(rep["pid"], signal.SIGKILL)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGKILL, stdout[-3000:] + stderr[-3000:]
+    assert stdout.strip().splitlines()[-1] == "gpu_check: FAIL: collectives, harness", stdout[-1000:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert res["verdict"] == "FAIL" and res["complete"] and res["harness_exit_code"] == 128 + signal.SIGKILL
+    assert res["pending"] == ["collectives"] and entry["pgid"] in res["child_groups"]
+    assert not _live_in_groups(set(res["child_groups"])), _live_in_groups(set(res["child_groups"]))
+
+
+def test_gpu_check_loss_scale_formula_matches_deepspeed():
+    """fp16_loss_scale_settled's expected scale, against DeepSpeed's own DynamicLossScaler as the runs
+    configure it (2**12, hysteresis 2, window 1000, no consecutive hysteresis), over overflow patterns."""
+    script = r"""
+import json, os, random, socket, sys
+sys.path.insert(0, sys.argv[1])
+import deepspeed
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+import gpu_check_core as core
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+bad = []
+patterns = [[True] * 12, [False] * 22, [True, False, True], [False, True] + [False] * 20]
+rng = random.Random(0)
+patterns += [[rng.random() < q for _ in range(22)] for q in (0.1, 0.3, 0.5) for _ in range(20)]
+for pat in patterns:
+    sc = DynamicLossScaler(init_scale=2.0 ** core.INITIAL_SCALE_POWER, scale_window=core.LOSS_SCALE_WINDOW,
+                           min_scale=core.MIN_LOSS_SCALE, delayed_shift=core.HYSTERESIS, consecutive_hysteresis=False)
+    k = 0
+    for overflow in pat:
+        if overflow and k == 13:  # 2**12 / 2**12 = the minimum: one more overflow raises by design
+            break
+        sc.update_scale(overflow)
+        k += overflow
+        if sc.loss_scale != core.expected_loss_scale(k):
+            bad.append([pat, k, sc.loss_scale, core.expected_loss_scale(k)])
+print(json.dumps({"patterns": len(patterns), "bad": bad[:5]}))
+"""
+    r = subprocess.run([sys.executable, "-c", script, str(ROOT / "bench")], capture_output=True, text=True,
+                       timeout=180, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["patterns"] == 64 and not res["bad"], res
 
 
 def test_checkpoint_time_bench_toy(tmp_path):
