@@ -16,7 +16,7 @@ Run::
     python bench/data_loading.py                       # → bench/results/data_loading.json
     python bench/data_loading.py --cases 2 --depth 32 --samples 50 --out /tmp/x.json   # quick
 
-Figures are ratios measured in one run (machines are noisy); see README "Benchmarks".
+Figures are ratios measured in one run (machines are noisy); see bench/README.md.
 """
 
 from __future__ import annotations

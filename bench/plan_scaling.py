@@ -1,4 +1,4 @@
-"""Planner figures for README "Scaling past the paper": predicted per-GPU memory of the paper's
+"""Planner figures for docs/scale.md "Scaling past the paper": predicted per-GPU memory of the paper's
 TransUNet setting and of hpc-seg's scaled configs, and the largest batch per GPU size.
 
     python bench/plan_scaling.py      # → bench/results/plan_scaling.json (+ Markdown on stdout)

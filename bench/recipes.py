@@ -1,5 +1,5 @@
 """Recipes that learn: train a shipped CPU config from a fresh checkout, evaluate on held-out data
-(the test split: never trained on, never used to choose anything), write JSON and a README row.
+(the test split: never trained on, never used to choose anything), write JSON and a row for bench/README.md.
 
     python bench/recipes.py --config configs/kvasir_cpu.yaml            # → bench/results/recipe_kvasir_cpu.json
     python bench/recipes.py --config configs/kvasir_cpu.yaml --set train.max_steps=50 --out /tmp/r.json

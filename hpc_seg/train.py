@@ -74,7 +74,7 @@ def run(args) -> int:
 def launch_local(nproc: int, args, run_dir: Path) -> int:
     """Start ``nproc`` ranks of this command on this machine (torchrun, standalone rendezvous).
     Threads per rank = cores / nproc unless OMP_NUM_THREADS is set: on CPU, ranks of one thread
-    each outrun one rank of several threads on small convolutions (README "Recipes on real data")."""
+    each outrun one rank of several threads on small convolutions (bench/README.md "Recipes on real data")."""
     import os
     import subprocess
 
