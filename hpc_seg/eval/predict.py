@@ -19,7 +19,7 @@ from nibabel.orientations import apply_orientation, io_orientation, ornt_transfo
 from hpc_seg.data.nifti_io import ct_to_int16, load_nifti, to_canonical
 from hpc_seg.errors import HpcSegError
 from hpc_seg.eval.inference import postprocess as keep_largest
-from hpc_seg.eval.inference import predict_probs
+from hpc_seg.eval.inference import predict_labels, predict_probs
 from hpc_seg.eval.model_io import device_and_dtype, inference_settings, load_for_eval
 
 
@@ -80,8 +80,11 @@ def predict_file(source, in_path, out_path, tta: bool | None = None, postprocess
     ct = to_canonical(img, in_path)
     data = ct_to_int16(ct.data, in_path)
     device, amp = device_and_dtype(prefer_gpu=not cpu)
-    probs = predict_probs(model, plan, data[None], device, amp, tta=tta)
-    labels = probs.argmax(0).astype(np.uint8)
+    if probs_path:
+        probs = predict_probs(model, plan, data[None], device, amp, tta=tta)
+        labels = probs.argmax(0).astype(np.uint8)
+    else:  # argmax where the model ran: only uint8 labels reach the host (not 2.5 GB of float32 at 512²×800)
+        probs, labels = None, predict_labels(model, plan, data[None], device, amp, tta=tta).labels
     if postprocess:
         labels = keep_largest(labels)
     out = to_input_grid(labels, ct.affine_canonical, img.affine).astype(np.uint8)

@@ -197,3 +197,16 @@ def test_inference_settings_travel_with_the_model(trained, phantom_store, tmp_pa
         # without TTA the trained model is not equivariant: the check above can tell the difference
         gap = np.abs(np.flip(predict_probs(model, plan, flipped, tta=False), axes) - plain).max()
         assert gap > 1e-3, (axes, gap)
+
+
+def test_predict_with_and_without_probabilities_writes_the_same_labels(trained, phantom_dir, tmp_path):
+    """Without --probs the argmax runs where the model ran (uint8 to the host); with it, on the host
+    over the stored probabilities: the labels must not depend on which."""
+    model = tmp_path / "m.safetensors"
+    assert main(["export", str(trained[2]), "--out", str(model)]) == 0
+    src = phantom_dir / "volume-2.nii.gz"
+    plain, probs = tmp_path / "plain.nii.gz", tmp_path / "with.nii.gz"
+    assert main(["predict", str(model), str(src), "--out", str(plain), "--cpu"]) == 0
+    assert main(["predict", str(model), str(src), "--out", str(probs), "--cpu", "--probs", str(tmp_path / "p.zarr")]) == 0
+    a, b = np.asarray(nib.load(plain).dataobj), np.asarray(nib.load(probs).dataobj)
+    assert np.array_equal(a, b) and a.any()
