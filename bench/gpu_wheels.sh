@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf .whl && mkdir -p .whl
-pin() { grep -i "^$1==" constraints.txt | head -1; }
+pin() { grep -i "^$1==" constraints.txt | head -1 || true; }  # unpinned (e.g. nvidia-ml-py): latest
 NAMES="zarr numcodecs nibabel submitit hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions donfig google-crc32c nvidia-ml-py"
 PLATS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any"
 for name in $NAMES; do
