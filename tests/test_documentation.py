@@ -169,3 +169,10 @@ def test_the_checks_can_fail():
     assert _bases(ROOT / "README.md", "engine/nope.py") and not _exists(ROOT / "README.md", "engine/nope.py")
     assert not _bases(ROOT / "README.md", "runs/demo/plan.json")  # an output, not a repository file
     assert "nope" not in _subcommands() and (CONFIGS / "tiny_cpu.yaml").is_file()
+
+
+def test_every_result_file_is_described():
+    """bench/README.md lists every JSON in bench/results (a figure nobody can find is no figure)."""
+    text = (ROOT / "bench" / "README.md").read_text()
+    missing = [p.name for p in sorted((ROOT / "bench" / "results").glob("*.json")) if f"bench/results/{p.name}" not in text]
+    assert not missing, f"bench/README.md does not describe {missing}"
