@@ -89,11 +89,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+RETRIES: list[dict] = []  # runs repeated after a rank was killed by a signal, kept in the result JSON
+
+
 def run_checked(cmd: list[str], **kw) -> None:
-    """Run; on failure raise with the command's own output (the reason), not only its exit code."""
-    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])} … exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    """Run; a rank killed by a signal (an intermittent SIGABRT of a gloo rank has been seen twice on
+    this shared 2-core machine) is run once more and recorded; any other failure raises with the
+    ranks' own messages (faulthandler stacks, C++ aborts) before torchrun's summary."""
+    kw["env"] = {**kw.get("env", os.environ), "PYTHONFAULTHANDLER": "1"}  # every rank prints its stack on a crash
+    for attempt in (1, 2):
+        r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+        if r.returncode == 0:
+            return
+        why = [ln for ln in r.stderr.splitlines() if any(k in ln for k in ("Fatal Python", "terminate called",
+               "what()", "Error", "File \"", "Signal"))]
+        if attempt == 1 and "Signal" in r.stderr:
+            RETRIES.append({"cmd": " ".join(cmd[-4:]), "returncode": r.returncode, "why": why[:40]})
+            continue
+        raise RuntimeError(f"{' '.join(cmd[:6])} … exited {r.returncode}:\n" + "\n".join(why[:60])
+                           + f"\n--- stdout tail ---\n{r.stdout[-2000:]}")
 
 
 def model_states(world: int = 2) -> dict:
@@ -197,10 +211,13 @@ def main(argv=None):
     ap.add_argument("--model-states-worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.model_states_worker is not None:
+        import faulthandler
+
+        faulthandler.enable()  # a crashing rank prints its Python stack
         return model_states_worker(args.model_states_worker, args.out)
     result = {"model_states_bf16_adam_2_ranks": model_states(2),
               "scaling": scaling(12 if args.quick else 60, Path(args.store)),
-              "step_time_1_rank": step_time(3 if args.quick else 30, 8, 64)}
+              "step_time_1_rank": step_time(3 if args.quick else 30, 8, 64), "retries": RETRIES}
     atomic_write_json(args.out, result)
     ms = result["model_states_bf16_adam_2_ranks"]
     print(json.dumps({"ratio_deepspeed_vs_pytorch": result["step_time_1_rank"]["ratio_deepspeed_vs_pytorch"],
