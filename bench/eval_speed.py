@@ -136,15 +136,10 @@ def old_surface_distances(pred, gt, spacing):
 
 
 def _old_figures(p, g, spacing, surfaces):
-    tp = int(np.count_nonzero(p & g))
-    fp, fn = int(np.count_nonzero(p & ~g)), int(np.count_nonzero(~p & g))
-    union = tp + fp + fn
-    iou = tp / union if union else None
-    fig = {"dice": (2 * tp / (2 * tp + fp + fn)) if union else None, "iou": iou,
-           "voe": (1 - iou) if iou is not None else None,
-           "rvd": ((tp + fp) - (tp + fn)) / (tp + fn) if (tp + fn) else None,
-           "precision": tp / (tp + fp) if (tp + fp) else None, "recall": tp / (tp + fn) if (tp + fn) else None,
-           "voxels_gt": tp + fn, "voxels_pred": tp + fp}
+    """The overlap figures are unchanged (the package's own); only the surface distances ran whole-volume."""
+    from hpc_seg.eval.case_metrics import _figures
+
+    fig = _figures(p, g, spacing, False)
     if surfaces:
         fig["assd_mm"], fig["mssd_mm"] = old_surface_distances(p, g, spacing)
     return fig
