@@ -34,12 +34,12 @@ def main(argv=None) -> dict:
     import deepspeed
 
     from hpc_seg.config import load_config
-    from hpc_seg.engine.checkpoint import CheckpointManager, sha256
-    from hpc_seg.engine.distributed import init_distributed
-    from hpc_seg.engine.runtime import match_buffer_dtypes
+    from hpc_seg.distributed.checkpoint import CheckpointManager, sha256
+    from hpc_seg.distributed.env import init_distributed
+    from hpc_seg.training.runtime import match_buffer_dtypes
     from hpc_seg.losses import DiceCELoss
     from hpc_seg.models import build_model
-    from hpc_seg.utils.atomic import atomic_write_json
+    from hpc_seg.storage.atomic import atomic_write_json
 
     init_distributed()
     kw = dict(size="tiny") if args.toy else dict(size="r50-vit-b16", img_size=512, depth=12)

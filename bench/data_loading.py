@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # torch-importing modules are imported inside functions: conversion workers are spawned and
 # re-import this script, so heavy top-level imports would be charged to the conversion speed-up.
-from hpc_seg.data.convert import convert
-from hpc_seg.data.phantom import generate_case
-from hpc_seg.utils.atomic import atomic_write_json
+from hpc_seg.ingest.convert import convert
+from hpc_seg.ingest.phantom import generate_case
+from hpc_seg.storage.atomic import atomic_write_json
 
 
 def dir_bytes(path: Path) -> int:
@@ -70,8 +70,8 @@ def files_in(path: Path) -> int:
 
 def _dataset(store: Path, cases: int, train: bool = False):
     from hpc_seg.config import load_config
-    from hpc_seg.data.dataset import ZarrSliceDataset
-    from hpc_seg.data.split import has_split, write_split
+    from hpc_seg.training.dataset import ZarrSliceDataset
+    from hpc_seg.ingest.split import has_split, write_split
 
     if not has_split(store, 0):
         write_split(store, 0.0, 0.0, 0)  # the plan that the dataset's preprocessing reads
@@ -116,7 +116,7 @@ def readers(store: Path, gz: Path, raw: Path, cases: int, unsharded: Path):
 def conversion_speedup(gz: Path, work: Path) -> dict:
     """1 worker vs 2, with the same threading: the 1-worker run converts in this process with
     Blosc and zarr single-threaded, as each of the 2 spawned workers is (one core per worker)."""
-    from hpc_seg.data.convert import _single_threaded_worker
+    from hpc_seg.ingest.convert import _single_threaded_worker
 
     _single_threaded_worker()
     times = {}
@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
     gz, raw = make_sources(work, args.cases, (args.size, args.size, args.depth))
     conv = conversion_speedup(gz, work)
     store, unsharded = work / "convert-w2.zarr", work / "unsharded.zarr"
-    from hpc_seg.data.store import UNSHARDED
+    from hpc_seg.storage.store import UNSHARDED
 
     convert("lits", gz, unsharded, workers=2, show_progress=False, layout=UNSHARDED)
     import torch

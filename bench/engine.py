@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from hpc_seg.utils.atomic import atomic_write_json
+from hpc_seg.storage.atomic import atomic_write_json
 
 
 def formula(stage: int, n: int) -> float:
@@ -54,8 +54,8 @@ def model_states_worker(stage: int, out: str) -> None:
     import deepspeed
     import torch
 
-    from hpc_seg.engine.distributed import init_distributed
-    from hpc_seg.engine.runtime import match_buffer_dtypes
+    from hpc_seg.distributed.env import init_distributed
+    from hpc_seg.training.runtime import match_buffer_dtypes
     from hpc_seg.models import build_model
 
     env = init_distributed()
@@ -132,7 +132,7 @@ def step_time(steps: int, batch: int, size: int) -> dict:
     import deepspeed
     import torch
 
-    from hpc_seg.engine.distributed import init_distributed
+    from hpc_seg.distributed.env import init_distributed
     from hpc_seg.losses import DiceCELoss
     from hpc_seg.models import build_model
 

@@ -39,13 +39,13 @@ STAGES = {  # what each timed stage holds
 
 
 # ================================================================ OLD CODE (before the rewrite)
-# Copied unchanged from hpc_seg/eval/inference.py, hpc_seg/metrics/__init__.py and
-# hpc_seg/eval/case_metrics.py at commit 7141b1e, for the comparison only.
+# Copied unchanged from hpc_seg/evaluation/inference.py, hpc_seg/metrics/__init__.py and
+# hpc_seg/evaluation/case_metrics.py at commit 7141b1e, for the comparison only.
 
 @torch.no_grad()
 def old_predict_probs(model, plan, image, device=torch.device("cpu"), amp_dtype=None, tta=False, batch_size=16):
-    from hpc_seg.data.plan import model_input, probabilities, to_case_grid
-    from hpc_seg.eval.inference import _stack
+    from hpc_seg.preprocessing.plan import model_input, probabilities, to_case_grid
+    from hpc_seg.evaluation.inference import _stack
 
     k = plan.slices if plan.mode == "2.5d" else 1
     model = model.to(device).eval()
@@ -84,7 +84,7 @@ def old_metrics_class():
                 label_maps = label_maps.long().cpu()
                 pred = torch.gather(label_maps, 1, pred.long().cpu().flatten(1)).view(pred.shape)
                 if probs is not None:
-                    from hpc_seg.data.labels import merge_probabilities
+                    from hpc_seg.preprocessing.labels import merge_probabilities
 
                     probs = merge_probabilities(probs.cpu(), label_maps)
                 if self.pr_class is not None:
@@ -137,7 +137,7 @@ def old_surface_distances(pred, gt, spacing):
 
 def _old_figures(p, g, spacing, surfaces):
     """The overlap figures are unchanged (the package's own); only the surface distances ran whole-volume."""
-    from hpc_seg.eval.case_metrics import _figures
+    from hpc_seg.evaluation.case_metrics import _figures
 
     fig = _figures(p, g, spacing, False)
     if surfaces:
@@ -214,7 +214,7 @@ def make_case(size: int, depth: int, seed: int = 0):
 def make_store(work: Path, size: int, depth: int):
     import nibabel as nib
 
-    from hpc_seg.data.prepare import prepare
+    from hpc_seg.ingest.prepare import prepare
 
     vol, label, sp = make_case(size, depth)
     (src := work / "nifti").mkdir(parents=True, exist_ok=True)
@@ -227,7 +227,7 @@ def make_store(work: Path, size: int, depth: int):
 
 def score_before(ctx, cid, timer):
     """The old ``evaluate`` loop body, stage by stage."""
-    from hpc_seg.eval.inference import postprocess as keep_largest
+    from hpc_seg.evaluation.inference import postprocess as keep_largest
 
     g, lmap = ctx["root"]["cases"][cid], ctx["lmap"]
     with timer("read"):
@@ -250,9 +250,9 @@ def score_before(ctx, cid, timer):
 
 def score_after(ctx, cid, timer):
     """``evaluate._score_case`` stage by stage, with the package's functions."""
-    from hpc_seg.eval.case_metrics import case_metrics
-    from hpc_seg.eval.inference import LabelPrediction, add_batch, batch_probabilities
-    from hpc_seg.eval.inference import postprocess as keep_largest
+    from hpc_seg.evaluation.case_metrics import case_metrics
+    from hpc_seg.evaluation.inference import LabelPrediction, add_batch, batch_probabilities
+    from hpc_seg.evaluation.inference import postprocess as keep_largest
     from hpc_seg.metrics import index_dtype
 
     g, m, plan, lmap = ctx["root"]["cases"][cid], ctx["metrics"], ctx["plan"], ctx["lmap"]
@@ -296,10 +296,10 @@ def same(a, b, path="") -> list[str]:
 
 def context(store: Path, plan, size: int, cpu: bool, metrics_cls):
     from hpc_seg.config import load_config
-    from hpc_seg.data import store as zstore
-    from hpc_seg.data.index import read_index
-    from hpc_seg.data.labels import case_label_map, store_label_lut
-    from hpc_seg.eval.model_io import device_and_dtype
+    from hpc_seg.storage import store as zstore
+    from hpc_seg.ingest.index import read_index
+    from hpc_seg.preprocessing.labels import case_label_map, store_label_lut
+    from hpc_seg.evaluation.model_io import device_and_dtype
 
     plan = plan.resolve(load_config(None, ["data.mode=2.5d", f"data.size=[{size},{size}]"]).data)
     info, index = zstore.store_info(store), read_index(store)
@@ -322,7 +322,7 @@ def run_once(ctx, scorer) -> tuple[dict, dict]:
 
 def real_score_case(ctx, cid, timer):
     """The real ``evaluate._score_case`` (post-processing on), timed as a whole."""
-    from hpc_seg.eval.evaluate import _score_case
+    from hpc_seg.evaluation.evaluate import _score_case
 
     c = ctx
     with timer("total"):
@@ -375,7 +375,7 @@ def main(argv=None) -> dict:
     if args.toy:
         args.size, args.depth, args.model_size = 64, 16, 32
     from hpc_seg.metrics import SegmentationMetrics
-    from hpc_seg.utils.atomic import atomic_write_json
+    from hpc_seg.storage.atomic import atomic_write_json
 
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         t0 = time.perf_counter()

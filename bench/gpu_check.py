@@ -11,7 +11,7 @@ not yet decided fail, and the report and the verdict line are still written (exi
 
 Parts (``--parts``, comma-separated; each has a time budget, all together a global one):
 
-* ``collectives`` — every function of ``hpc_seg.utils.collectives`` on CUDA and CPU tensors in a real
+* ``collectives`` — every function of ``hpc_seg.distributed.collectives`` on CUDA and CPU tensors in a real
   NCCL group of one (own process).
 * (data) — ``hpc-seg phantom`` + ``hpc-seg prepare``, started at once in the background whenever
   ``fp16`` or ``bf16`` is selected.

@@ -49,7 +49,7 @@ LOG_TAIL_OK, LOG_TAIL_FAIL, LOG_CAP = 3000, 8000, 4 * 1024 * 1024
 
 # name: (part, limit, CPU stand-in under --toy or None where the check means the same on the CPU)
 CHECKS: dict[str, tuple[str, str, str | None]] = {
-    "collectives": ("collectives", "every hpc_seg.utils.collectives function returns the expected value on CPU "
+    "collectives": ("collectives", "every hpc_seg.distributed.collectives function returns the expected value on CPU "
                     "and CUDA tensors in an NCCL group of one",
                     "a gloo group of one, CPU tensors only (no CUDA here)"),
     "data_prepared": ("data", "hpc-seg phantom and hpc-seg prepare exit 0 within their budget", None),

@@ -17,7 +17,7 @@ def collectives_part() -> dict:
     import torch
     import torch.distributed as dist
 
-    from hpc_seg.utils import collectives as coll
+    from hpc_seg.distributed import collectives as coll
 
     cuda = torch.cuda.is_available()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -44,7 +44,7 @@ def _collective_checks() -> dict:
     """name: device -> whether the function returned the expected value in the group of one."""
     import torch
 
-    from hpc_seg.utils import collectives as coll
+    from hpc_seg.distributed import collectives as coll
 
     return {
         # a group of one cannot show a reduction (tests/utils: 2 gloo ranks do); it shows the device

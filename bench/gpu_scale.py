@@ -6,12 +6,12 @@ Rows, in this order (then the same configurations at larger batches while the bu
     activation checkpointing, batch 16;
 (b) ``24l_zero3_ckpt`` — ``transunet_24l.yaml``'s model at its real width (R50-ViT-L/16: hidden 1024,
     24 layers, 16 heads, MLP 4096; 325 M parameters), ZeRO-3, fp16, checkpointing, batch 16;
-(c) ``12l_planner`` — the memory planner's recommendation (``hpc_seg.engine.planner.recommend``, what
+(c) ``12l_planner`` — the memory planner's recommendation (``hpc_seg.memory_plan.planner.recommend``, what
     ``hpc-seg plan --gpu-mem`` prints) for the 12-layer recipe at batch 16 on this card's memory;
 (d) ``12l_pytorch_fp32`` — plain PyTorch fp32 without DeepSpeed (the paper's setting), batch 16.
 
-Each row: the project's DeepSpeed JSON (``hpc_seg.engine.ds_config.deepspeed_config``, with
-``deepspeed.initial_scale_power=12``), optimizer and loss; ``hpc_seg.engine.runtime.match_buffer_dtypes``
+Each row: the project's DeepSpeed JSON (``hpc_seg.distributed.ds_config.deepspeed_config``, with
+``deepspeed.initial_scale_power=12``), optimizer and loss; ``hpc_seg.training.runtime.match_buffer_dtypes``
 on the engine's module after ``deepspeed.initialize``; warm-up steps until the fp16 loss scale has
 settled (no skipped step, same scale, twice in a row); timed steps each synchronised, overflow-skipped
 ones not timed; peak memory measured vs planned (``per_gpu_bytes``; the 12-layer profile from
@@ -62,7 +62,7 @@ import torch  # noqa: E402
 from gpu_scale_rows import (GIB, OOM_ERRORS, ROUNDS, SPECS, TOY_ROUNDS, config_for, datasheet_peak,  # noqa: E402
                             depth_of, free, io_channels, matmul_rate, run_row)
 from gpu_scale_rows import build  # noqa: E402,F401  (the tests build a row's model through this module)
-from hpc_seg.utils.atomic import atomic_write_json  # noqa: E402
+from hpc_seg.storage.atomic import atomic_write_json  # noqa: E402
 
 PROFILE_12L = ROOT / "bench" / "results" / "planner_profile_transunet_512.json"
 
@@ -70,7 +70,7 @@ PROFILE_12L = ROOT / "bench" / "results" / "planner_profile_transunet_512.json"
 # ---------------------------------------------------------------------------- planner
 def profile_main(config: str, toy: bool, out: str) -> None:
     """Background process: the planner's profile of ``config`` measured on the CPU."""
-    from hpc_seg.engine.planner import profile_model
+    from hpc_seg.memory_plan.planner import profile_model
 
     cfg = config_for(next(k for k, v in SPECS.items() if v[0] == config), 1, toy)
     t0 = time.perf_counter()
@@ -82,7 +82,7 @@ class Profiles:
     """Planner profiles by config: the stored 12-layer one, others measured in background processes."""
 
     def __init__(self, toy: bool, work: Path):
-        from hpc_seg.engine.planner import Profile
+        from hpc_seg.memory_plan.planner import Profile
 
         self.toy, self.work, self.ready, self.procs, self.source = toy, work, {}, {}, {}
         work.mkdir(parents=True, exist_ok=True)
@@ -98,10 +98,10 @@ class Profiles:
                 cmd = [sys.executable, __file__, "--profile", config, "--out", str(path)] + (["--toy"] if toy else [])
                 log = open(path.with_suffix(".log"), "w")
                 self.procs[config] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), path)
-                self.source[config] = "measured on the CPU by this run (hpc_seg.engine.planner.profile_model)"
+                self.source[config] = "measured on the CPU by this run (hpc_seg.memory_plan.planner.profile_model)"
 
     def get(self, config: str, wait_s: float = 0.0):
-        from hpc_seg.engine.planner import Profile
+        from hpc_seg.memory_plan.planner import Profile
 
         if config in self.ready:
             return self.ready[config]
@@ -127,7 +127,7 @@ class Profiles:
 
 
 def predicted(prof, cfg, engine: str) -> dict:
-    from hpc_seg.engine.planner import OVERHEAD_BYTES, per_gpu_bytes
+    from hpc_seg.memory_plan.planner import OVERHEAD_BYTES, per_gpu_bytes
 
     prec = "fp32" if engine == "pytorch" else cfg.deepspeed.precision
     m = per_gpu_bytes(prof, depth_of(cfg), cfg.data.batch_size, cfg.deepspeed.zero_stage if engine != "pytorch" else 0,
@@ -189,7 +189,7 @@ def main(argv=None) -> list[dict]:
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / "gpu_scale_work"
     own_work = args.work is None
-    from hpc_seg.engine.distributed import init_distributed
+    from hpc_seg.distributed.env import init_distributed
 
     init_distributed()
     sw = new_sweep(args, out, work, start)  # writes the header
@@ -284,7 +284,7 @@ def measure(sw: Sweep, row: dict, elapsed: float, timed: int) -> None:
 
 def planner_choice(sw: Sweep, row: dict, elapsed: float) -> dict:
     """The planner's recommendation for the row's batch on this card (waits for its profile within the budget)."""
-    from hpc_seg.engine.planner import recommend
+    from hpc_seg.memory_plan.planner import recommend
 
     name, batch = row["name"], row["batch"]
     base = config_for(name, batch, sw.args.toy, {"zero_stage": 0, "activation_checkpointing": False})

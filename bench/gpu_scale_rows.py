@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from hpc_seg.engine.runtime import configure_backends, match_buffer_dtypes
+from hpc_seg.training.runtime import configure_backends, match_buffer_dtypes
 
 GIB = 1024 ** 3
 SPECS = {  # name: (config, engine, zero stage, activation checkpointing); planner: from recommend()
@@ -58,7 +58,7 @@ def build(cfg):
     cin, cout = io_channels(cfg)
     model = build_model(cfg.model.name, cfg.model.size, in_channels=cin, num_classes=cout, **cfg.model.overrides)
     if cfg.train.activation_checkpointing:
-        from hpc_seg.engine.activation_checkpointing import apply_activation_checkpointing
+        from hpc_seg.distributed.activation_checkpointing import apply_activation_checkpointing
 
         apply_activation_checkpointing(model)
     return model
@@ -158,7 +158,7 @@ def run_row(name: str, cfg, toy: bool, timed_steps: int) -> dict:
 def prepared_step(name: str, cfg, dev, out: dict, held: dict) -> tuple[Callable[[], bool], torch.nn.Module]:
     """Model, loss, one random batch and the optimizer; returns one training step (True when the step was
     overflow-skipped) and the module the buffer rule applies to."""
-    from hpc_seg.engine.optim import build_optimizer
+    from hpc_seg.training.optim import build_optimizer
     from hpc_seg.losses import build_loss
 
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.deepspeed.precision, torch.float32)
@@ -193,7 +193,7 @@ def prepared_step(name: str, cfg, dev, out: dict, held: dict) -> tuple[Callable[
 def deepspeed_step(cfg, model, opt, loss_fn, x, y, held: dict) -> tuple[Callable[[], bool], torch.nn.Module]:
     import deepspeed
 
-    from hpc_seg.engine.ds_config import deepspeed_config
+    from hpc_seg.distributed.ds_config import deepspeed_config
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, 1))
     held["engine"] = engine

@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 
 from hpc_seg.models import build_model, count_parameters
-from hpc_seg.utils.atomic import atomic_write_json
+from hpc_seg.storage.atomic import atomic_write_json
 
 REFERENCE = [
     ("unetpp", "base", {}),

@@ -40,12 +40,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.data_loading import dir_bytes, make_sources  # noqa: E402
 from bench.local_s3 import local_s3  # noqa: E402
-from hpc_seg.utils.atomic import atomic_write_json  # noqa: E402
+from hpc_seg.storage.atomic import atomic_write_json  # noqa: E402
 
 
 def _dataset(store: str, cases: int, cache: str | None = None):
     from hpc_seg.config import load_config
-    from hpc_seg.data.dataset import ZarrSliceDataset
+    from hpc_seg.training.dataset import ZarrSliceDataset
 
     sets = [f"data.store={store}", "data.mode=2.5d", "data.slices=3", "data.size=[512,512]"]
     cfg = load_config(None, sets + ([f"data.cache={cache}"] if cache else [])).data
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from hpc_seg.data.prepare import prepare
+    from hpc_seg.ingest.prepare import prepare
 
     torch.set_num_threads(1)
     work = Path(args.work)

@@ -11,8 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from hpc_seg.config import load_config
-from hpc_seg.engine.planner import GIB, GPU_SIZES_GB, largest_batch, per_gpu_bytes, profile_model
-from hpc_seg.utils.atomic import atomic_write_json
+from hpc_seg.memory_plan.planner import GIB, GPU_SIZES_GB, largest_batch, per_gpu_bytes, profile_model
+from hpc_seg.storage.atomic import atomic_write_json
 
 PROFILE_FILE = ROOT / "bench" / "results" / "planner_profile_transunet_512.json"
 SETTINGS = [  # (label, config, depth, batch, zero stage, precision, checkpointing, GPUs)

@@ -42,7 +42,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_convert(args) -> int:
-    from hpc_seg.data.convert import convert
+    from hpc_seg.ingest.convert import convert
 
     report = convert(args.dataset, args.src, args.out, workers=args.workers, show_progress=not args.quiet)
     return _print_report(report)
@@ -64,7 +64,7 @@ def _print_report(report) -> int:
 
 
 def _kind_path(text: str) -> tuple[str, str]:
-    from hpc_seg.data.kinds import kind_names
+    from hpc_seg.ingest.kinds import kind_names
 
     kind, sep, path = text.partition(":")
     if not sep or kind not in kind_names() or not path:
@@ -73,7 +73,7 @@ def _kind_path(text: str) -> tuple[str, str]:
 
 
 def cmd_prepare(args) -> int:
-    from hpc_seg.data.prepare import prepare
+    from hpc_seg.ingest.prepare import prepare
 
     if args.slurm:
         return _prepare_on_slurm(args)
@@ -126,7 +126,7 @@ def _plan_line(p) -> str:
 
 
 def cmd_phantom(args) -> int:
-    from hpc_seg.data.phantom import write_lits_phantom
+    from hpc_seg.ingest.phantom import write_lits_phantom
 
     paths = write_lits_phantom(args.out, cases=args.cases, shape=tuple(args.shape), seed=args.seed,
                                compress=not args.uncompressed)
@@ -135,8 +135,8 @@ def cmd_phantom(args) -> int:
 
 
 def cmd_split(args) -> int:
-    from hpc_seg.data.plan import read_plan
-    from hpc_seg.data.split import write_split
+    from hpc_seg.preprocessing.plan import read_plan
+    from hpc_seg.ingest.split import write_split
 
     split = write_split(args.store, args.val, args.test, args.seed, from_file=args.from_file)
     print(f"{args.store}: split seed {args.seed}: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
@@ -148,8 +148,8 @@ def cmd_inspect(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from hpc_seg.data.index import read_index
-    from hpc_seg.data.store import open_store
+    from hpc_seg.ingest.index import read_index
+    from hpc_seg.storage.store import open_store
 
     open_store(args.store)
     index = read_index(args.store)
@@ -166,7 +166,7 @@ def cmd_inspect(args) -> int:
     if args.plan is not None:
         import json
 
-        from hpc_seg.data.plan import read_plan
+        from hpc_seg.preprocessing.plan import read_plan
 
         print(json.dumps(read_plan(args.store, args.plan).to_dict(), indent=1))
     return 0
@@ -201,7 +201,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from hpc_seg.eval.model_io import export
+    from hpc_seg.evaluation.model_io import export
 
     path = export(args.run_dir, args.out, args.tag, plan_from_store=args.plan_from_store)
     print(f"wrote {path}")
@@ -209,7 +209,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from hpc_seg.eval.evaluate import evaluate, print_summary
+    from hpc_seg.evaluation.evaluate import evaluate, print_summary
 
     res = evaluate(args.model, args.data, args.split, args.out, args.tag, args.tta, args.postprocess,
                    args.limit, args.cpu, save_predictions=args.save_predictions)
@@ -219,7 +219,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from hpc_seg.eval.predict import predict_file
+    from hpc_seg.evaluation.predict import predict_file
 
     path = predict_file(args.model, args.image, args.out, args.tta, args.postprocess, args.probs, args.cpu)
     print(f"wrote {path}")
@@ -227,7 +227,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from hpc_seg.eval.report import compare
+    from hpc_seg.evaluation.report import compare
 
     print(f"wrote {compare(args.evals, args.out)}")
     return 0
@@ -235,7 +235,7 @@ def cmd_compare(args) -> int:
 
 def cmd_plan(args) -> int:
     from hpc_seg.config import load_config
-    from hpc_seg.engine.plan_cli import run_plan
+    from hpc_seg.memory_plan.report import run_plan
 
     cfg = load_config(args.config, args.overrides)
     run_plan(cfg, args.gpus, args.gpu_mem, io=_model_io(cfg))
@@ -244,9 +244,9 @@ def cmd_plan(args) -> int:
 
 def _model_io(cfg) -> tuple[int, int]:
     """(input, output) channels: from the store's preprocessing plan when prepared, else the kind's facts."""
-    from hpc_seg.data.kinds import get_kind
-    from hpc_seg.data.plan import read_plan
-    from hpc_seg.data.prepare import is_prepared
+    from hpc_seg.ingest.kinds import get_kind
+    from hpc_seg.preprocessing.plan import read_plan
+    from hpc_seg.ingest.prepare import is_prepared
 
     d = cfg.data
     if is_prepared(d.store, d.split_seed):
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-seg", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from hpc_seg.data.kinds import kind_names
+    from hpc_seg.ingest.kinds import kind_names
 
     p = sub.add_parser("prepare", help="convert + index + split + preprocessing plan, in one command")
     p.add_argument("dataset", choices=kind_names(), help="dataset kind of SRC")

@@ -1,6 +1,6 @@
 """The embedded default end-to-end run (``make demo`` / ``hpc-seg demo``).
 
-1. Data (``hpc_seg.data.prepare``): if the configured store is absent, prepare ``data.source``
+1. Data (``hpc_seg.ingest.prepare``): if the configured store is absent, prepare ``data.source``
    into it, or — with no source — write a synthetic LiTS-layout phantom next to it and prepare
    that: convert, split by case (seeded, checked for leakage), preprocessing plan.
 2. The training split and its plan, read back from the store.
@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from hpc_seg.config import load_config
-from hpc_seg.data.dataset import build_loader
-from hpc_seg.data.plan import read_plan
-from hpc_seg.data.prepare import prepare_for_config
-from hpc_seg.data.split import read_split
+from hpc_seg.training.dataset import build_loader
+from hpc_seg.preprocessing.plan import read_plan
+from hpc_seg.ingest.prepare import prepare_for_config
+from hpc_seg.ingest.split import read_split
 
 
 def run_demo(config: str, overrides: list[str]) -> int:

@@ -30,3 +30,7 @@ class StoreError(HpcSegError):
 
 class SplitError(HpcSegError):
     """A train/val/test split file is invalid (e.g. a case in two splits)."""
+
+
+class PlanError(HpcSegError):
+    """A preprocessing plan is missing, of another version, or does not fit the data it is used on."""

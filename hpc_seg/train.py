@@ -51,18 +51,18 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)  # config errors surface before anything starts
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
     if args.print_ds_config:
-        from hpc_seg.engine.distributed import detect_env
-        from hpc_seg.engine.ds_config import deepspeed_config
+        from hpc_seg.distributed.env import detect_env
+        from hpc_seg.distributed.ds_config import deepspeed_config
 
         print(json.dumps(deepspeed_config(cfg, detect_env().world_size), indent=2))
         return 0
     ensure_data(cfg)
     nproc = args.nproc or cfg.train.processes
-    from hpc_seg.engine.distributed import detect_env
+    from hpc_seg.distributed.env import detect_env
 
     if nproc > 1 and detect_env().world_size == 1:
         return launch_local(nproc, args, run_dir)
-    from hpc_seg.engine.trainer import Trainer
+    from hpc_seg.training.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir, resume=args.resume).setup()
     try:
@@ -90,8 +90,8 @@ def ensure_data(cfg) -> None:
     """Data preparation happens here, in one process, before distributed start-up — never in the
     engine. Several ranks (torchrun, srun) need a prepared store: its absence is an error naming
     the command that prepares it."""
-    from hpc_seg.data.prepare import is_prepared, prepare_command, prepare_for_config
-    from hpc_seg.engine.distributed import detect_env
+    from hpc_seg.ingest.prepare import is_prepared, prepare_command, prepare_for_config
+    from hpc_seg.distributed.env import detect_env
 
     d = cfg.data
     if is_prepared(d.store, d.split_seed):

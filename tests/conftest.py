@@ -40,7 +40,7 @@ def shared_path(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
-    from hpc_seg.data.phantom import write_lits_phantom
+    from hpc_seg.ingest.phantom import write_lits_phantom
 
     d = tmp_path_factory.mktemp("phantom-nifti")
     write_lits_phantom(d, cases=6, shape=(64, 64, 16), seed=3)
@@ -49,7 +49,7 @@ def phantom_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def phantom_store(phantom_dir, tmp_path_factory) -> Path:
-    from hpc_seg.data.prepare import prepare
+    from hpc_seg.ingest.prepare import prepare
 
     out = tmp_path_factory.mktemp("stores") / "phantom.zarr"
     done = prepare("lits", phantom_dir, out, workers=1, show_progress=False)
@@ -102,3 +102,11 @@ def s3_server(tmp_path_factory):
 
     with local_s3(tmp_path_factory.mktemp("s3") / "server.log") as server:
         yield server
+
+
+def case_arrays(store, case_id: str):
+    """A whole stored case as numpy: image (C, Z, Y, X), label (Z, Y, X)."""
+    from hpc_seg.storage.store import open_case_arrays
+
+    image, label = open_case_arrays(store, case_id)
+    return image[...], label[...]

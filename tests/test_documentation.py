@@ -119,7 +119,7 @@ def named_files(text: str) -> list[str]:
 
 def _bases(page: Path, path: str) -> list[Path]:
     """Where a path may start: the repository root, the page's folder, or the package
-    (`engine/runtime.py`). A path whose first part is none of these (`runs/a/...`) is an output."""
+    (`training/runtime.py`). A path whose first part is none of these (`runs/a/...`) is an output."""
     first = path.split("/")[0]
     return [b for b in (ROOT, page.parent, ROOT / "hpc_seg") if first and (b / first).exists()]
 
@@ -166,7 +166,7 @@ def test_the_checks_can_fail():
     assert named_files("`python bench/nope.py --out x` and `RUN_DIR/plan.json`, `~/.config/x/site.yaml`") \
         == ["bench/nope.py"]
     assert _bases(ROOT / "README.md", "bench/nope.py") and not _exists(ROOT / "README.md", "bench/nope.py")
-    assert _bases(ROOT / "README.md", "engine/nope.py") and not _exists(ROOT / "README.md", "engine/nope.py")
+    assert _bases(ROOT / "README.md", "training/nope.py") and not _exists(ROOT / "README.md", "training/nope.py")
     assert not _bases(ROOT / "README.md", "runs/demo/plan.json")  # an output, not a repository file
     assert "nope" not in _subcommands() and (CONFIGS / "tiny_cpu.yaml").is_file()
 

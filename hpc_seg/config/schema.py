@@ -34,7 +34,7 @@ class AugmentConfig:
 class SourceConfig:
     """Another source prepared into the same store (``data.extra_sources``): a dataset kind of the
     same task whose classes are a subset of the store's (e.g. ``totalseg`` liver-only CTs in a
-    LiTS store); its cases record the classes they annotate (``hpc_seg.data.labels``)."""
+    LiTS store); its cases record the classes they annotate (``hpc_seg.preprocessing.labels``)."""
 
     dataset: str
     path: str
@@ -50,7 +50,7 @@ class DataConfig:
     ``normalize`` and ``rgb_mean``/``rgb_std`` left unset take the dataset kind's defaults; the
     values in force are recorded in the run's preprocessing plan (``RUN_DIR/plan.json``).
     ``store`` may be ``s3://…`` (credentials and endpoint from the AWS environment variables,
-    ``hpc_seg.data.location``); ``cache`` then keeps fetched shards on local disk.
+    ``hpc_seg.storage.location``); ``cache`` then keeps fetched shards on local disk.
     """
 
     store: str = "outputs/phantom.zarr"  # a local path or an object-store URL (s3://bucket/path.zarr)

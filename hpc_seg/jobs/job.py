@@ -68,7 +68,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         from hpc_seg.config import Config
         from hpc_seg.config.loader import from_dict
-        from hpc_seg.engine.trainer import EXIT_OK, EXIT_PREEMPTED, Trainer
+        from hpc_seg.training.trainer import EXIT_OK, EXIT_PREEMPTED, Trainer
 
         env = submitit.JobEnvironment()
         os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
@@ -77,7 +77,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cfg = from_dict(Config, self.config, source=f"{self.run_dir}/config (submitted)")
         if env.num_tasks == 1:  # one process: it may prepare its data first (several ranks never do)
-            from hpc_seg.data.prepare import prepare_for_config
+            from hpc_seg.ingest.prepare import prepare_for_config
 
             prepare_for_config(cfg)
         trainer = Trainer(cfg, self.run_dir, resume="latest").setup()

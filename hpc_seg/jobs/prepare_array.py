@@ -4,7 +4,7 @@
     hpc-seg prepare lits /lustre/LiTS17 /lustre/liver.zarr --add totalseg:/lustre/TotalSeg --slurm --tasks 64
 
 1. At submission (login node): the store's lock is taken for the whole preparation (shared by its
-   jobs, ``hpc_seg.data.lock``), the store is created or opened (every source checked to fit), and
+   jobs, ``hpc_seg.storage.lock``), the store is created or opened (every source checked to fit), and
    ``--tasks`` array tasks are queued: task i converts cases ``i::N`` of every source. Each is
    idempotent — complete cases are skipped, half-written ones redone — so a requeued or rerun task
    is safe; a task that skipped a bad case writes its report and exits non-zero.
@@ -27,14 +27,14 @@ from pathlib import Path
 
 import submitit
 
-from hpc_seg.data import lock
-from hpc_seg.data.convert import ConversionReport, convert, rebuild_index
-from hpc_seg.data.kinds import get_kind
-from hpc_seg.data.location import is_remote
-from hpc_seg.data.prepare import merge_reports, split_and_plan
-from hpc_seg.data.store import FORMAT, create_or_open_store
+from hpc_seg.storage import lock
+from hpc_seg.ingest.convert import ConversionReport, convert, rebuild_index
+from hpc_seg.ingest.kinds import get_kind
+from hpc_seg.storage.location import is_remote
+from hpc_seg.ingest.prepare import merge_reports, split_and_plan
+from hpc_seg.storage.store import FORMAT, create_or_open_store
 from hpc_seg.errors import HpcSegError
-from hpc_seg.utils.atomic import atomic_write_json
+from hpc_seg.storage.atomic import atomic_write_json
 
 
 def state_dir(store) -> Path:

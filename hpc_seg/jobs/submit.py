@@ -12,8 +12,8 @@ import yaml
 
 from hpc_seg.config import Config, load_raw, resolve_config_path, to_dict
 from hpc_seg.config.loader import apply_overrides, from_dict, read_yaml
-from hpc_seg.data.location import is_file, is_remote, join
-from hpc_seg.data.prepare import is_prepared, prepare_command
+from hpc_seg.storage.location import is_file, is_remote, join
+from hpc_seg.ingest.prepare import is_prepared, prepare_command
 from hpc_seg.errors import ConfigError
 
 SHIPPED_SITE = Path(__file__).resolve().parent / "site.yaml"

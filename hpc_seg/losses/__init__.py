@@ -8,7 +8,7 @@ uses the probabilities, not the argmax. ``JaccardCELoss`` swaps Dice for soft Io
 ``BCEDiceLoss`` is for binary tasks with one logit channel. Deep-supervision outputs (a list of
 logits) are averaged.
 
-Partially labelled cases (``label_map``, ``hpc_seg.data.labels``): the probabilities of classes a
+Partially labelled cases (``label_map``, ``hpc_seg.preprocessing.labels``): the probabilities of classes a
 case does not annotate are added to the class they lie in before CE and Dice, so a liver-only
 case teaches liver-vs-background and nothing about tumour; Dice of a class counts only the
 samples that annotate it (merged away, it has neither prediction nor target there).
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpc_seg.data.labels import merge_probabilities
+from hpc_seg.preprocessing.labels import merge_probabilities
 from hpc_seg.errors import ConfigError
 
 

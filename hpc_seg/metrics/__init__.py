@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from hpc_seg.utils import collectives as coll
+from hpc_seg.distributed import collectives as coll
 
 
 def _ratio(num: float, den: float):
@@ -79,7 +79,7 @@ def _probs_and_pred(logits, target, pred, probs):
 
 def _merged(label_maps: torch.Tensor, pred: torch.Tensor, probs):
     """Predictions (and probabilities) counted as each item's case counts them (label maps, CPU)."""
-    from hpc_seg.data.labels import is_identity, merge_probabilities
+    from hpc_seg.preprocessing.labels import is_identity, merge_probabilities
 
     if not all(is_identity(m) for m in label_maps):  # fully annotated cases: nothing to map
         pred = torch.gather(label_maps, 1, pred.long().cpu().flatten(1)).view(pred.shape)
@@ -123,7 +123,7 @@ class SegmentationMetrics:
         ``case_ids``: one id per batch item (slices of a case may come in any batch or rank).
         ``probs`` may replace ``logits`` (already softmaxed), and ``pred`` the argmax (e.g. after
         post-processing); the PR curve always uses the probabilities.
-        ``label_maps`` (N, C): partially labelled cases (``hpc_seg.data.labels``): predictions and
+        ``label_maps`` (N, C): partially labelled cases (``hpc_seg.preprocessing.labels``): predictions and
         probabilities of classes an item's case does not annotate count as the class they lie in,
         and that case's figures for those classes are left out (None), as is its PR contribution.
         ``pr_counts`` (2, pr_bins): the batch's PR histogram counted already (:func:`pr_histogram`
@@ -189,7 +189,7 @@ class SegmentationMetrics:
 
     def all_reduce(self) -> None:
         """Sum counts over all ranks (no-op without an initialised process group). The counts are CPU
-        tensors; ``hpc_seg.utils.collectives`` carries them to the GPU under NCCL and back."""
+        tensors; ``hpc_seg.distributed.collectives`` carries them to the GPU under NCCL and back."""
         if not coll.active():
             return
         for name in ("confusion", "pr_hist"):
@@ -277,7 +277,7 @@ def plot_pr_curve(pr: dict, path, title: str | None = None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hpc_seg.utils.atomic import atomic_write_bytes
+    from hpc_seg.storage.atomic import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.plot(pr["recall"], pr["precision"], drawstyle="steps-post")

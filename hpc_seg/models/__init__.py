@@ -60,7 +60,7 @@ def build_model(name: str, size: str = "tiny", in_channels: int = 1, num_classes
 
 def build_from_config(cfg, plan, pretrained: bool = True) -> nn.Module:
     """Build from a :class:`hpc_seg.config.Config`'s model section; input channels and output
-    channels come from the resolved preprocessing plan (``hpc_seg.data.plan``), the one place
+    channels come from the resolved preprocessing plan (``hpc_seg.preprocessing.plan``), the one place
     that ties them to the data and the loss (one logit for ``bce_dice``)."""
     return build_model(cfg.model.name, cfg.model.size, in_channels=plan.in_channels,
                        num_classes=plan.out_channels, pretrained=cfg.model.pretrained if pretrained else None,

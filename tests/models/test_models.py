@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpc_seg.engine.activation_checkpointing import apply_activation_checkpointing, is_checkpointed
+from hpc_seg.distributed.activation_checkpointing import apply_activation_checkpointing, is_checkpointed
 from hpc_seg.errors import ConfigError
 from hpc_seg.models import build_model, count_parameters
 from hpc_seg.models.common import ResidualConvBlock

@@ -1,1 +1,0 @@
-"""Training engine pieces applied from outside the model code (DeepSpeed, checkpointing)."""
