@@ -33,19 +33,19 @@ STAGES = {  # what each timed stage holds
     "inference": "model input, forward, probabilities on the case grid (before: and their float32 copy to the host)",
     "labels_and_histograms": "argmax to uint8, the PR-score bins and histogram (after: on the model's device)",
     "postprocess": "largest connected liver component (host, unchanged)",
-    "counts_update": "SegmentationMetrics.update: confusion and per-case counts (before: also the PR histogram "
-                     "and the probability merge)",
+    "counts_update": "SegmentationMetrics.add_labels: confusion and per-case counts (before: the old update, "
+                     "also the PR histogram and the probability merge)",
     "case_metrics": "per-case Dice/IoU/VOE/RVD and the surface distances (the distance transforms)"}
 
 
 # ================================================================ OLD CODE (before the rewrite)
-# Copied unchanged from hpc_seg/evaluation/inference.py, hpc_seg/metrics/__init__.py and
-# hpc_seg/evaluation/case_metrics.py at commit 7141b1e, for the comparison only.
+# Copied unchanged from hpc_seg/eval/inference.py, hpc_seg/metrics/__init__.py and
+# hpc_seg/eval/case_metrics.py at commit 7141b1e (paths as they were then), for the comparison only.
 
 @torch.no_grad()
 def old_predict_probs(model, plan, image, device=torch.device("cpu"), amp_dtype=None, tta=False, batch_size=16):
     from hpc_seg.preprocessing.plan import model_input, probabilities, to_case_grid
-    from hpc_seg.evaluation.inference import _stack
+    from hpc_seg.preprocessing.slices import stack as _stack  # the same formula (tests/preprocessing/test_slices.py)
 
     k = plan.slices if plan.mode == "2.5d" else 1
     model = model.to(device).eval()
@@ -237,7 +237,7 @@ def score_before(ctx, cid, timer):
     with timer("labels_and_histograms"):
         pred = probs.argmax(0).astype(np.uint8)
     with timer("postprocess"):
-        pred = keep_largest(pred)
+        pred = keep_largest(pred, ctx["names"])
     with timer("read"):
         label = ctx["lut"][g["label"][...]]
     with timer("counts_update"):  # in the old update: PR histogram, label-map merge and counts, all host
@@ -270,14 +270,14 @@ def score_after(ctx, cid, timer):
         with timer("labels_and_histograms"):
             add_batch(labels, scores, start, p, sources, m.pr_bins)
     with timer("postprocess"):
-        labels = keep_largest(labels)
+        labels = keep_largest(labels, ctx["names"])
     with timer("read"):
         label = ctx["lut"].astype(np.uint8)[g["label"][...]]
     with timer("labels_and_histograms"):
         counts = LabelPrediction(labels, scores, m.pr_bins).pr_counts(label, m.pr_class)
     with timer("counts_update"):
-        m.update(None, torch.from_numpy(label)[None], case_ids=[cid], label_maps=torch.tensor([lmap]),
-                 pred=torch.from_numpy(labels)[None], pr_counts=counts)
+        m.add_labels(torch.from_numpy(labels)[None], torch.from_numpy(label)[None], case_ids=[cid],
+                     label_maps=torch.tensor([lmap]), pr_counts=counts)
     with timer("case_metrics"):
         return case_metrics(np.asarray(lmap, np.uint8)[labels], label, ctx["spacing"], ctx["names"],
                             annotated=set(lmap))

@@ -47,7 +47,7 @@ def _collective_checks() -> dict:
     from hpc_seg.distributed import collectives as coll
 
     return {
-        # a group of one cannot show a reduction (tests/utils: 2 gloo ranks do); it shows the device
+        # a group of one cannot show a reduction (tests/distributed: 2 gloo ranks do); it shows the device
         # routing: a CPU tensor goes to the GPU for NCCL and its result comes back into it, in place
         "all_reduce_sum": lambda d: _round_trip(coll.all_reduce, d, "sum"),
         "all_reduce_max": lambda d: _round_trip(coll.all_reduce, d, "max"),
@@ -76,7 +76,8 @@ def _metrics_ok(device: str) -> bool:
     from hpc_seg.metrics import SegmentationMetrics
 
     m = SegmentationMetrics(3, ["background", "liver", "tumour"])
-    m.update(torch.randn(2, 3, 8, 8, device=device), torch.randint(0, 3, (2, 8, 8), device=device), case_ids=["a", "b"])
+    m.add_probs(torch.randn(2, 3, 8, 8, device=device).softmax(1), torch.randint(0, 3, (2, 8, 8), device=device),
+                case_ids=["a", "b"])
     before = m.confusion.clone()
     m.all_reduce()  # CPU counts over the group's backend (NCCL on the GPU)
     return bool((m.confusion == before).all())

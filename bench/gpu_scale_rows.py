@@ -49,7 +49,9 @@ def config_for(spec_name: str, batch: int, toy: bool, planner: dict | None = Non
 
 
 def io_channels(cfg) -> tuple[int, int]:
-    return (cfg.data.slices if cfg.data.mode == "2.5d" else 1), 3
+    from hpc_seg.memory_plan.planner import model_channels
+
+    return model_channels(cfg)
 
 
 def build(cfg):

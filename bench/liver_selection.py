@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "configs/liver_ct_cpu.yaml"
 STUDY = ["data.source=../shared/data/lits-117",
-         "data.extra_sources=[{dataset: totalseg, path: ../shared/data/totalseg-ct}]"]
+         "data.extra_sources=[{kind: totalseg, path: ../shared/data/totalseg-ct}]"]
 CANDIDATES = {
     "shipped": [],
     "transunet": ["model.name=transunet", "model.size=small", "deepspeed.zero_stage=0", "train.max_steps=2200"],

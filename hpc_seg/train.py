@@ -30,13 +30,13 @@ import json
 import sys
 from pathlib import Path
 
+from hpc_seg.config.cli_args import add_config_args, run_command
 from hpc_seg.errors import HpcSegError
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="hpc-seg train", description="DeepSpeed training")
-    p.add_argument("--config", default=None, help="YAML config (path or name inside configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``hpc-seg train`` and ``python -m hpc_seg.train`` (one declaration for both)."""
+    add_config_args(p)
     p.add_argument("--run-dir", default=None, help="default: runs/<config name>")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     p.add_argument("--print-ds-config", action="store_true", help="print the DeepSpeed JSON and exit")
@@ -104,12 +104,9 @@ def ensure_data(cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except HpcSegError as exc:
-        print(f"hpc-seg train: error: {exc}", file=sys.stderr)
-        return 2
+    """``python -m hpc_seg.train`` (torchrun, srun): the same options and errors as ``hpc-seg train``."""
+    parser = add_train_args(argparse.ArgumentParser(prog="hpc-seg train", description="DeepSpeed training"))
+    return run_command("hpc-seg train", run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Submit training to SLURM through submitit: the design's entry point, a thin wrapper around
-``hpc-seg submit`` (``hpc_seg/jobs/cli.py``; its docstring lists the commands)::
+``hpc-seg submit`` (``hpc_seg/cli/jobs.py``; its docstring lists the commands)::
 
     python launch/submit.py --config transunet_12l.yaml
     python launch/submit.py --config grids/unet_aspp.yaml --dry-run
@@ -7,7 +7,7 @@
 
 import sys
 
-from hpc_seg.jobs.cli import main
+from hpc_seg.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["submit", *sys.argv[1:]]))

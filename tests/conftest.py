@@ -58,6 +58,12 @@ def phantom_store(phantom_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def store(phantom_store):
+    """The phantom store, under the name the training-run tests use."""
+    return phantom_store
+
+
+@pytest.fixture(scope="session")
 def kvasir_subset(tmp_path_factory) -> Path:
     """Twelve real Kvasir-SEG pairs copied into a temporary Kvasir layout."""
     import shutil

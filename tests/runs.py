@@ -9,9 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -81,8 +80,3 @@ def final_weights(run_dir: Path):
     tag = (root / "latest").read_text().strip()
     assert CheckpointManager(root, 0, 1).verify(tag) is None
     return tag, consolidated_state_dict(root, tag)
-
-
-@pytest.fixture(scope="session")
-def store(phantom_store):
-    return phantom_store

@@ -1,6 +1,6 @@
 """The package's layer order, written down in docs/layout.md and held here: a module imports only its
 own package or packages in lower layers, at module level, inside functions and under
-``if TYPE_CHECKING:`` alike; no import circle; no module over 450 lines."""
+``if TYPE_CHECKING:`` alike; no import circle; no module over 450 lines, no function over 50."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ LAYERS = [
 ]
 RANK = {part: i for i, layer in enumerate(LAYERS) for part in layer}
 MAX_LINES = 450
+MAX_FUNCTION_LINES = 50
 
 
 def part_of(module: str) -> str:
@@ -103,6 +104,13 @@ def test_modules_are_small():
     big = [f"{p.relative_to(ROOT)}: {n}" for p in package_files()
            if (n := len(p.read_text().splitlines())) > MAX_LINES]
     assert not big, f"modules over {MAX_LINES} lines: {big}"
+
+
+def test_functions_are_small():
+    long = [f"{p.relative_to(ROOT)}:{n.lineno} {n.name}: {n.end_lineno - n.lineno + 1}" for p in package_files()
+            for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno >= MAX_FUNCTION_LINES]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
 
 
 def test_the_checks_catch_an_upward_import(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpc_seg.config.loader import apply_overrides, from_dict, read_yaml, to_dict
+from hpc_seg.config.loader import apply_overrides, from_dict, read_yaml, rename_former_keys, to_dict
 from hpc_seg.config.schema import (AugmentConfig, CheckpointConfig, Config, DataConfig, DeepSpeedConfig,
                                    LossConfig, ModelConfig, TrainConfig)
 from hpc_seg.errors import ConfigError
@@ -32,10 +32,10 @@ def resolve_config_path(name: str | Path, relative_to: Path | None = None) -> Pa
     raise ConfigError(f"{name}: config file not found (also looked among the shipped configs in {CONFIG_DIR})")
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
+def _overlay(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _overlay(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -46,11 +46,12 @@ def load_raw(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: 'base' chain forms a cycle")
     raw = read_yaml(path)
     base = raw.pop("base", None)
+    raw = rename_former_keys(Config, raw, source=str(path))  # before layering: a former name over a base's current one
     if base is None:
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{path}: key 'base' must be a file name")
-    return _deep_merge(load_raw(resolve_config_path(base, path.parent), _seen + (path,)), raw)
+    return _overlay(load_raw(resolve_config_path(base, path.parent), _seen + (path,)), raw)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -1,15 +1,16 @@
 """Config schema: one dataclass per YAML section.
 
 A YAML file may start with ``base: other.yaml`` (path relative to the file, or a name inside
-``configs/``); the file's own keys are deep-merged over the base. Later issues add sections
-(``train``, ``deepspeed``, ``checkpoint``, ``slurm``) here; everything reads the same ``Config``.
+``configs/``); the file's own keys are laid over the base, section by section. Every stage reads the same
+``Config``. A section's ``RENAMED`` maps a key's former name to its name; the loader reads the
+former name for one version with a warning (``hpc_seg.config.loader``).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 
 @dataclass
@@ -23,7 +24,7 @@ class AugmentConfig:
     intensity: float = 0.1  # brightness/contrast jitter on the normalised image
     p: float = 0.5  # probability of applying the spatial transform
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"augment.p must be in [0, 1], got {self.p}")
         if self.rotate_deg < 0 or self.scale < 0 or self.intensity < 0:
@@ -36,7 +37,9 @@ class SourceConfig:
     same task whose classes are a subset of the store's (e.g. ``totalseg`` liver-only CTs in a
     LiTS store); its cases record the classes they annotate (``hpc_seg.preprocessing.labels``)."""
 
-    dataset: str
+    RENAMED: ClassVar[dict] = {"dataset": "kind"}
+
+    kind: str
     path: str
 
 
@@ -53,9 +56,11 @@ class DataConfig:
     ``hpc_seg.storage.location``); ``cache`` then keeps fetched shards on local disk.
     """
 
+    RENAMED: ClassVar[dict] = {"dataset": "kind"}
+
     store: str = "outputs/phantom.zarr"  # a local path or an object-store URL (s3://bucket/path.zarr)
     cache: Optional[str] = None  # object stores: local directory caching whole shards (one GET per shard)
-    dataset: str = "phantom"  # a registered dataset kind (hpc-seg prepare --help lists them)
+    kind: str = "phantom"  # a registered dataset kind (hpc-seg prepare --help lists them)
     source: Optional[str] = None  # raw data that 'hpc-seg train' prepares when ``store`` is absent
     extra_sources: list[SourceConfig] = field(default_factory=list)  # more sources into the same store
     split_seed: int = 0
@@ -70,12 +75,12 @@ class DataConfig:
     rgb_mean: Optional[list[float]] = None  # None: the kind's default (Kvasir: ImageNet)
     rgb_std: Optional[list[float]] = None
     oversample: float = 0.33  # probability that a sample is redrawn from a foreground slice
-    oversample_class: int = 2  # class whose slices are preferred (tumour); falls back to any fg
+    oversample_class: str | int = "tumour"  # class whose slices are preferred (a name); not in the store: any fg
     batch_size: int = 8
     num_workers: int = 2
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if len(self.size) != 2 or min(self.size) < 8:
             raise ValueError(f"data.size must be [H, W] with H, W >= 8, got {self.size}")
         if self.window is not None and (len(self.window) != 2 or self.window[0] >= self.window[1]):
@@ -110,7 +115,7 @@ class LossConfig:
     smooth: float = 1e-5
     class_weights: Optional[list[float]] = None
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.dice_weight < 0 or self.ce_weight < 0 or self.dice_weight + self.ce_weight == 0:
             raise ValueError("loss weights must be >= 0 and not both 0")
 
@@ -144,7 +149,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # fp32/bf16: stop after this many consecutive non-finite losses
     tensorboard: bool = False
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.processes < 1:
             raise ValueError(f"train.processes must be >= 1, got {self.processes}")
         if self.max_steps < 1 or self.grad_accum < 1 or self.lr <= 0:
@@ -162,7 +167,7 @@ class CheckpointConfig:
     keep_last: int = 2  # plus the best one (validation mean IoU)
     verify: Literal["size", "sha256"] = "sha256"  # how resume checks a checkpoint's files
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.every_steps < 0 or self.keep_last < 1:
             raise ValueError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
 
@@ -185,7 +190,7 @@ class DeepSpeedConfig:
     comm_timeout_s: int = 1800  # a collective waiting longer (dead or hung peer) fails the step instead of hanging
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated JSON last
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_param and self.zero_stage != 3:
@@ -218,7 +223,7 @@ class SlurmConfig:
     array_parallelism: int = 32
     node_local_paths: list[str] = field(default_factory=lambda: ["/tmp", "/dev/shm", "/var/tmp"])
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.nodes < 1 or self.tasks_per_node < 1 or self.cpus_per_task < 1 or self.gpus_per_node < 0:
             raise ValueError("slurm.nodes, tasks_per_node, cpus_per_task must be >= 1, gpus_per_node >= 0")
         if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
@@ -262,7 +267,7 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         """Constraints across sections."""
         ds = self.deepspeed
         if ds.offload_optimizer and ds.zero_stage == 0:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from hpc_seg.distributed.env import select_accelerator
 from hpc_seg.distributed.checkpoint import CheckpointManager
 
 
@@ -16,6 +17,7 @@ def strip_wrappers(state: dict) -> dict:
 
 
 def consolidated_state_dict(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    select_accelerator()  # unpickling DeepSpeed's model states may import deepspeed
     root = Path(root)
     stage = int(CheckpointManager.manifest(root, tag).get("zero_stage", 0))
     if stage == 0:

@@ -20,8 +20,14 @@ import torch
 from hpc_seg.errors import HpcSegError
 from hpc_seg.distributed import collectives as coll
 
-if not torch.cuda.is_available():  # must be set before deepspeed is imported anywhere
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+def select_accelerator() -> str:
+    """DeepSpeed picks its accelerator once, when first imported, by probing for libraries: name it
+    before ``import deepspeed`` so that a machine without a GPU gets the CPU accelerator by rule, not
+    by the probe (an explicit ``DS_ACCELERATOR`` wins)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return os.environ.get("DS_ACCELERATOR", "cuda")
 
 
 @dataclass
@@ -122,6 +128,7 @@ def init_distributed(env: DistEnv | None = None, timeout_s: float = 1800) -> Dis
     """Export the rendezvous variables and initialise torch.distributed through DeepSpeed; a
     collective that waits longer than ``timeout_s`` (a dead or hung peer) fails: gloo raises, NCCL's
     watchdog aborts the process (srun's ``--kill-on-bad-exit`` then ends the step and the job requeues)."""
+    select_accelerator()
     import deepspeed
     import torch.distributed as dist
 
@@ -142,7 +149,3 @@ def device_for(env: DistEnv) -> torch.device:
     """``cuda:<local rank modulo the visible devices>`` where CUDA exists, else the CPU."""
     visible = torch.cuda.device_count()
     return torch.device("cuda", cuda_index(env.local_rank, visible)) if visible else torch.device("cpu")
-
-
-barrier = coll.barrier  # collectives live in hpc_seg/distributed/collectives.py (device-correct)
-all_max = coll.all_max

@@ -28,28 +28,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpc_seg.storage import store as zstore
-from hpc_seg.ingest.index import read_index
+from hpc_seg.ingest.catalog import SPLITS, Store
 from hpc_seg.preprocessing.labels import case_label_map, merged_note, store_label_lut
-from hpc_seg.storage.location import normalize
-from hpc_seg.ingest.split import SPLITS, read_split
-from hpc_seg.storage.store import store_info
 from hpc_seg.errors import HpcSegError
 from hpc_seg.evaluation.case_metrics import case_metrics
-from hpc_seg.evaluation.inference import postprocess as keep_largest
+from hpc_seg.evaluation.inference import postprocess as liver_postprocess
 from hpc_seg.evaluation.inference import predict_labels
 from hpc_seg.evaluation.model_io import device_and_dtype, inference_settings, load_for_eval
 from hpc_seg.evaluation.predict import save_case_prediction
 from hpc_seg.metrics import SegmentationMetrics, plot_pr_curve
+from hpc_seg.models import count_parameters
 from hpc_seg.storage.atomic import atomic_write_json, atomic_write_text
 
 
-def _cases(store: str, plan, split: str, index: dict) -> list[str]:
+def _cases(store: Store, plan, split: str) -> list[str]:
     if split == "all":
-        return sorted(index["cases"])
+        return store.case_ids
     if split not in SPLITS:
         raise HpcSegError(f"unknown split '{split}' (train, val, test or all)")
-    return read_split(store, plan.split_seed)[split]
+    return store.split(plan.split_seed)[split]
 
 
 def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", tta: bool | None = None,
@@ -58,31 +55,30 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
     """Score a model on a store's split with the model's own preprocessing plan. Each case is
     predicted from its image alone; its label is read only afterwards, for the metrics.
     ``tta``/``postprocess`` None: as the model's config says (``inference`` section)."""
-    store, out = normalize(store), Path(out)
+    out = Path(out)
     model, cfg, plan = load_for_eval(source, tag)
     tta, postprocess = inference_settings(cfg, tta, postprocess)
-    info = store_info(store)
+    store = Store.open(store)  # opened once; handed to everything below
+    info, index = store.info, store.index
     lut = store_label_lut(plan, info, store)  # store label value → model class (same task, by name)
-    index = read_index(store)
-    cases = _cases(store, plan, split, index)[:limit]
+    cases = _cases(store, plan, split)[:limit]
     if not cases:
         raise HpcSegError(f"{store}: split '{split}' has no cases")
     names = list(plan.classes)
     device, amp = device_and_dtype(prefer_gpu=not cpu)
     metrics = SegmentationMetrics(len(names), names)
-    root = zstore.open_store(store)
     extra, t0, shown = {}, time.perf_counter(), {}
     for cid in cases:
-        extra[cid], shown[cid] = _score_case(root["cases"][cid], cid, model, plan, metrics, lut, index, info,
+        extra[cid], shown[cid] = _score_case(store.root["cases"][cid], cid, model, plan, metrics, lut, index, info,
                                              device, amp, tta, postprocess, out if save_predictions else None)
     seconds = time.perf_counter() - t0
     res = metrics.compute()
     for row in res["per_case"]:
         row["per_class"] = extra[row["case"]]
-    res.update({"source": str(source), "store": str(store), "split": split, "cases": len(cases),
+    res.update({"source": str(source), "store": store.path, "split": split, "cases": len(cases),
                 "seconds": seconds, "volumes_per_s": len(cases) / seconds, "device": str(device),
                 "tta": tta, "postprocess": postprocess, "model": cfg.model.name, "size": cfg.model.size,
-                "overrides": cfg.model.overrides, "params": sum(p.numel() for p in model.parameters()),
+                "overrides": cfg.model.overrides, "params": count_parameters(model),
                 "name": cfg.name, "plan": plan.to_dict(), "store_classes": list(info["classes"]),
                 "note": merged_note(plan, info["classes"])})
     _write(out, res, shown, names, source)
@@ -99,12 +95,12 @@ def _score_case(g, cid: str, model, plan, metrics: SegmentationMetrics, lut: np.
     lmap = case_label_map(plan, index, cid, info["classes"])  # from the index (what it annotates), not its voxels
     pred = predict_labels(model, plan, image, device, amp, tta=tta, score_classes=metrics.pr_sources(lmap),
                           bins=metrics.pr_bins)
-    labels = keep_largest(pred.labels) if postprocess and len(names) == 3 else pred.labels
+    labels = liver_postprocess(pred.labels, names) if postprocess else pred.labels
     if out is not None:
         save_case_prediction(out / "predictions", cid, labels, dict(g.attrs["hpc_seg"]))
-    label = lut.astype(np.uint8)[g["label"][...]]  # read only now: nothing before the prediction depends on it
-    metrics.update(None, torch.from_numpy(label)[None], case_ids=[cid], label_maps=torch.tensor([lmap]),
-                   pred=torch.from_numpy(labels)[None], pr_counts=pred.pr_counts(label, metrics.pr_class))
+    label = lut.astype(np.uint8)[g["label"][...]]  # read after the prediction: nothing before it depends on it
+    metrics.add_labels(torch.from_numpy(labels)[None], torch.from_numpy(label)[None], case_ids=[cid],
+                       label_maps=torch.tensor([lmap]), pr_counts=pred.pr_counts(label, metrics.pr_class))
     figures = case_metrics(np.asarray(lmap, np.uint8)[labels], label, index["cases"][cid]["stats"]["spacing"],
                            names, annotated=set(lmap))
     z = int(np.argmax((label > 0).sum(axis=(1, 2)))) if label.any() else label.shape[0] // 2

@@ -1,7 +1,8 @@
 """Whole-volume inference: slice-wise (2D/2.5D) batches over a (C, Z, Y, X) volume, through the
 model's preprocessing plan (``hpc_seg.preprocessing.plan``: the same code the training loader runs), the
 probabilities resized back to the volume grid; optional mirror TTA (the mean over all four in-plane
-mirrorings, as nnU-Net mirrors every axis); autocast on GPU; optional post-processing.
+mirrorings, as nnU-Net mirrors every axis); autocast on GPU; optional post-processing of the liver,
+chosen by class name (:func:`postprocess`).
 
 :func:`predict_labels` (``evaluate``) reduces each batch where the model ran — argmax to uint8 and
 the PR score to its histogram bin — so a case's float probabilities never cross to the host;
@@ -16,14 +17,9 @@ import torch
 from scipy import ndimage
 
 from hpc_seg.preprocessing.plan import PreprocessingPlan, model_input, probabilities, to_case_grid
+from hpc_seg.preprocessing.slices import stack
 from hpc_seg.errors import HpcSegError
 from hpc_seg.metrics import index_dtype, pr_histogram, score_bins
-
-
-def _stack(image: np.ndarray, z: int, k: int) -> np.ndarray:
-    idx = np.clip(np.arange(z - k // 2, z + k // 2 + 1), 0, image.shape[1] - 1)
-    sl = image[:, idx]
-    return sl.reshape(-1, *sl.shape[2:])
 
 
 def _check(plan: PreprocessingPlan, image: np.ndarray) -> None:
@@ -49,7 +45,7 @@ def batch_probabilities(model, plan: PreprocessingPlan, image: np.ndarray, devic
 
     for start in range(0, depth, batch_size):
         zs = range(start, min(start + batch_size, depth))
-        x = model_input(plan, np.stack([_stack(image, z, k) for z in zs])).to(device)
+        x = model_input(plan, np.stack([stack(image, z, k) for z in zs])).to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             p = probs_of(x)
             if tta:
@@ -126,14 +122,20 @@ def add_batch(labels: np.ndarray, scores: torch.Tensor | None, start: int, probs
         scores[start:start + len(probs)] = score_bins(s, bins)
 
 
-def postprocess(labels: np.ndarray, liver: int = 1, tumour: int = 2) -> np.ndarray:
-    """Keep the largest 3D connected liver(+tumour) component; tumour only inside it."""
-    organ = labels > 0
+def postprocess(labels: np.ndarray, classes) -> np.ndarray:
+    """Liver post-processing of (Z, Y, X) labels over the model's ``classes`` (names), by name: when
+    they contain ``liver``, keep the largest 3D connected component of liver (with ``tumour`` when
+    they contain it) and set liver and tumour voxels outside it to background, so tumour lies only
+    inside the liver; other classes stay as they are. Without ``liver`` (Kvasir's polyp, any other
+    task) the labels come back unchanged."""
+    names = list(classes)
+    if "liver" not in names:
+        return labels
+    organ = np.isin(labels, [names.index(c) for c in ("liver", "tumour") if c in names])
     comp, n = ndimage.label(organ)
     if n <= 1:
         return labels
     sizes = ndimage.sum_labels(organ, comp, index=np.arange(1, n + 1))
-    keep = comp == (int(np.argmax(sizes)) + 1)
     out = labels.copy()
-    out[~keep] = 0
+    out[organ & (comp != int(np.argmax(sizes)) + 1)] = 0
     return out

@@ -3,7 +3,9 @@ model for evaluation from either that file or a run directory (no DeepSpeed engi
 process group, CPU or one GPU).
 
     hpc-seg export RUN_DIR --out model.safetensors [--tag best|latest|stepNNNNNNNN]
-    hpc-seg export OLD_RUN_DIR --out model.safetensors --plan-from-store STORE   # a run made before plans
+
+A run directory without ``plan.json`` or a model without an embedded plan (both made by hpc-seg 0.1,
+before preprocessing plans) is refused with one line: retrain the run, re-export the model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import yaml
 
 from hpc_seg.config import Config, to_dict
-from hpc_seg.config.loader import from_dict
+from hpc_seg.config.loader import from_dict, rename_former_keys
 from hpc_seg.errors import PlanError
 from hpc_seg.preprocessing.plan import PreprocessingPlan, read_run_plan
 from hpc_seg.distributed.checkpoint import CheckpointManager
@@ -45,7 +47,7 @@ def run_config(run_dir: Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise HpcSegError(f"{run_dir}: not a run directory (no config.yaml)")
-    return from_dict(Config, yaml.safe_load(path.read_text()), source=str(path))
+    return from_dict(Config, rename_former_keys(Config, yaml.safe_load(path.read_text()), warn=False), source=str(path))
 
 
 def _model_for(cfg: Config, plan: PreprocessingPlan, state: dict, source: str):
@@ -65,24 +67,14 @@ def _model_for(cfg: Config, plan: PreprocessingPlan, state: dict, source: str):
     return model.eval()
 
 
-def run_plan(run_dir: Path, cfg: Config, plan_from_store: str | Path | None = None) -> PreprocessingPlan:
-    """The run's plan (``RUN_DIR/plan.json``); for a run made before plans existed, the plan of
-    ``plan_from_store``'s split — what that run's training normalised with — resolved with its config."""
-    if plan_from_store is None:
-        return read_run_plan(run_dir)
-    from hpc_seg.preprocessing.plan import read_plan
-
-    return read_plan(plan_from_store, cfg.data.split_seed).resolve(cfg.data, cfg.loss.kind)
-
-
-def export(run_dir: str | Path, out: str | Path, tag: str = "best", plan_from_store: str | Path | None = None) -> Path:
+def export(run_dir: str | Path, out: str | Path, tag: str = "best") -> Path:
     """Consolidate ZeRO shards (any stage, any world size) into ``out`` (.safetensors, fp32) with
-    the config and the preprocessing plan embedded."""
+    the config and the run's preprocessing plan (``RUN_DIR/plan.json``) embedded."""
     from safetensors.torch import save
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
-    plan = run_plan(run_dir, cfg, plan_from_store)
+    plan = read_run_plan(run_dir)
     root, tag = resolve_checkpoint(run_dir, tag)
     state = consolidated_state_dict(root, tag)
     _model_for(cfg, plan, state, str(root / tag))  # refuse to write weights that do not fit the config
@@ -115,15 +107,15 @@ def load_for_eval(source: str | Path, tag: str = "best"):
     if "config" not in meta:
         raise HpcSegError(f"{source}: no embedded config (was it written by 'hpc-seg export'?)")
     if "plan" not in meta:
-        raise PlanError(f"{source}: model has no embedded preprocessing plan (exported before plans existed); "
-                        f"re-export it from its run directory with this hpc-seg (hpc-seg export RUN_DIR --out "
-                        f"{source.name} [--plan-from-store STORE]) or retrain")
+        raise PlanError(f"{source}: model has no embedded preprocessing plan (exported before plans existed, "
+                        f"hpc-seg 0.1); re-export it with this hpc-seg (hpc-seg export RUN_DIR --out {source.name})")
     try:
         plan_dict = json.loads(meta["plan"])
     except ValueError as exc:
         raise PlanError(f"{source}: embedded preprocessing plan is not valid JSON ({exc})") from None
     plan = PreprocessingPlan.from_dict(plan_dict, source=f"{source} (embedded plan)")
-    cfg = from_dict(Config, yaml.safe_load(meta["config"]), source=f"{source} (embedded config)")
+    cfg = from_dict(Config, rename_former_keys(Config, yaml.safe_load(meta["config"]), warn=False),
+                    source=f"{source} (embedded config)")
     return _model_for(cfg, plan, state, str(source)), cfg, plan
 
 

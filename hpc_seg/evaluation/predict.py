@@ -1,11 +1,12 @@
 """``hpc-seg predict model.safetensors /data/new_ct.nii.gz --out pred.nii.gz`` — a raw CT in, labels out.
 
 The input is read and checked like a conversion (4D, empty, corrupt, NaN → clear error naming the
-file), reoriented to RAS for the model, and the label map (0 background, 1 liver, 2 tumour) is
-mapped back to the input's voxel order and written with the **input's affine and header** (uint8),
-so it opens aligned on the CT in ITK-SNAP or 3D Slicer. Any voxel spacing is accepted: slices are
-resized to the model's input size exactly as in training. ``--probs FILE.zarr`` also stores the
-class probabilities (float16, (K, Z, Y, X) in RAS order, one chunk per slice).
+file), reoriented to RAS for the model, and the label map (the model's class indices; LiTS: 0
+background, 1 liver, 2 tumour) is mapped back to the input's voxel order and written with the
+**input's affine and header** (uint8), so it opens aligned on the CT in ITK-SNAP or 3D Slicer. Any
+voxel spacing is accepted: slices are resized to the model's input size exactly as in training.
+``--probs FILE.zarr`` also stores the class probabilities (float16, (K, Z, Y, X) in RAS order, one
+chunk per slice). Post-processing follows the model's class names (``inference.postprocess``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from nibabel.orientations import apply_orientation, io_orientation, ornt_transfo
 
 from hpc_seg.ingest.nifti_io import ct_to_int16, load_nifti, to_canonical
 from hpc_seg.errors import HpcSegError
-from hpc_seg.evaluation.inference import postprocess as keep_largest
+from hpc_seg.evaluation.inference import postprocess as liver_postprocess
 from hpc_seg.evaluation.inference import predict_labels, predict_probs
 from hpc_seg.evaluation.model_io import device_and_dtype, inference_settings, load_for_eval
 
@@ -86,7 +87,7 @@ def predict_file(source, in_path, out_path, tta: bool | None = None, postprocess
     else:  # argmax where the model ran: only uint8 labels reach the host (not 2.5 GB of float32 at 512²×800)
         probs, labels = None, predict_labels(model, plan, data[None], device, amp, tta=tta).labels
     if postprocess:
-        labels = keep_largest(labels)
+        labels = liver_postprocess(labels, plan.classes)
     out = to_input_grid(labels, ct.affine_canonical, img.affine).astype(np.uint8)
     if out.shape != img.shape:
         raise HpcSegError(f"{in_path}: internal error, prediction shape {out.shape} != input {img.shape}")

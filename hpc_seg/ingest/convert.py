@@ -40,7 +40,7 @@ class ConversionReport:
         return not self.failed
 
 
-def convert_case(kind_name: str, src: CaseSource, store_path: str, classes: list[str],
+def convert_case(kind: str, src: CaseSource, store_path: str, classes: list[str],
                  store_classes: list[str] | None = None) -> tuple[str, str, dict | None]:
     """Worker: convert one case. Returns (case_id, 'ok'|'skipped'|'failed', stats|error).
     ``store_classes``: the store's, when the source marks only some of them (labels renumbered by
@@ -48,12 +48,12 @@ def convert_case(kind_name: str, src: CaseSource, store_path: str, classes: list
     if zstore.case_complete(store_path, src.case_id):
         return src.case_id, "skipped", None
     try:
-        image, label, spacing, meta = get_kind(kind_name).load(src, classes)
+        image, label, spacing, meta = get_kind(kind).load(src, classes)
     except InputDataError as exc:
         return src.case_id, "failed", {"error": str(exc)}
     if store_classes is not None and list(store_classes) != list(classes):
         label = np.array([store_classes.index(c) for c in classes], np.uint8)[label]
-        meta["annotated"], meta["kind"] = list(classes), kind_name
+        meta["annotated"], meta["kind"] = list(classes), kind
         classes = store_classes
     stats = case_stats(image, label, len(classes), spacing)
     unit = meta.pop("spacing_unit")
@@ -79,7 +79,7 @@ def _progress():
                     TimeElapsedColumn(), TextColumn("{task.description}"), transient=False)
 
 
-def convert(dataset: str, src: str | Path, out: str | Path, workers: int = 1, show_progress: bool = True,
+def convert(kind: str, src: str | Path, out: str | Path, workers: int = 1, show_progress: bool = True,
             layout: str = zstore.FORMAT, part: tuple[int, int] | None = None, index: bool = True,
             lock_token: str | None = None) -> ConversionReport:
     """Convert every case of ``src`` into the store ``out``; returns a report (see module doc).
@@ -88,21 +88,21 @@ def convert(dataset: str, src: str | Path, out: str | Path, workers: int = 1, sh
     ``part=(i, n)``: only cases ``i::n`` of the source (one array task of ``prepare --slurm``), and
     ``index=False`` leaves the index to the finalizer. The store's lock (``hpc_seg.storage.lock``) is
     held throughout, or checked to be ``lock_token``'s (a shared preparation's)."""
-    kind = get_kind(dataset)
-    found = kind.discover(Path(src))
+    spec = get_kind(kind)
+    found = spec.discover(Path(src))
     sources, classes = found.cases, found.classes
     if part is not None:
         sources = sources[part[0]::part[1]]
-    with store_lock(out, f"hpc-seg convert {dataset} {src}", lock_token):
-        root = zstore.create_or_open_store(out, dataset, kind.store_info(classes), layout=layout)
+    with store_lock(out, f"hpc-seg convert {kind} {src}", lock_token):
+        root = zstore.create_or_open_store(out, kind, spec.store_info(classes), layout=layout)
         store_classes = list(root.attrs["hpc_seg"]["classes"])
-        report = _convert_cases(dataset, sources, out, classes, store_classes, workers, show_progress)
+        report = _convert_cases(kind, sources, out, classes, store_classes, workers, show_progress)
         if index:
             rebuild_index(out, root)
     return report
 
 
-def _convert_cases(dataset, sources, out, classes, store_classes, workers, show_progress) -> ConversionReport:
+def _convert_cases(kind, sources, out, classes, store_classes, workers, show_progress) -> ConversionReport:
     report = ConversionReport(zstore.loc.normalize(out))
     pool = None
     if workers > 1:
@@ -112,9 +112,9 @@ def _convert_cases(dataset, sources, out, classes, store_classes, workers, show_
         with _progress() if show_progress else _NullProgress() as progress:
             task = progress.add_task("", total=len(sources))
             if pool is None:
-                results = (convert_case(dataset, s, str(out), classes, store_classes) for s in sources)
+                results = (convert_case(kind, s, str(out), classes, store_classes) for s in sources)
             else:
-                futures = [pool.submit(convert_case, dataset, s, str(out), classes, store_classes)
+                futures = [pool.submit(convert_case, kind, s, str(out), classes, store_classes)
                            for s in sources]
                 results = (f.result() for f in as_completed(futures))
             for case_id, status, info in results:
@@ -134,14 +134,14 @@ def _convert_cases(dataset, sources, out, classes, store_classes, workers, show_
 def rebuild_index(out: str | Path, root=None) -> str:
     """Gather the stats of every complete case into the store's index."""
     root = root if root is not None else zstore.open_store(out, mode="r")
-    meta = root.attrs["hpc_seg"]
+    meta = zstore.root_info(root)
     cases = {}
     for cid in zstore.list_cases(root):
         attrs = root["cases"][cid].attrs["hpc_seg"]
         cases[cid] = {"stats": attrs["stats"], "source": attrs.get("source")}
         if attrs.get("annotated") is not None:  # a source that marks only some of the store's classes
             cases[cid]["annotated"] = attrs["annotated"]
-    return write_index(out, meta["dataset"], meta["classes"], cases)
+    return write_index(out, meta["kind"], meta["classes"], cases)
 
 
 class _NullProgress:

@@ -3,7 +3,8 @@
 
 The index drives the preprocessing plan (foreground mean/std of the training cases), case
 splitting (tumour/no-tumour stratification) and foreground oversampling (slices containing each
-class, kept as ``[start, stop)`` runs so that the index stays small at 10,000 cases).
+class, kept as ``[start, stop)`` runs so that the index stays small at 10,000 cases). The index
+also names the store's kind and classes; ``hpc_seg.ingest.catalog.Store.index`` reads it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_seg.storage.store import read_meta, write_meta
+from hpc_seg.ingest.catalog import Store
+from hpc_seg.storage.store import kind_record, write_meta
 
 PERCENTILES = (0.5, 1, 5, 25, 50, 75, 95, 99, 99.5)
 
@@ -85,13 +87,13 @@ def case_stats(image: np.ndarray, label: np.ndarray, num_classes: int,
     return stats
 
 
-def write_index(store_path: str | Path, dataset: str, classes: list[str], cases: dict[str, dict]) -> str:
+def write_index(store_path: str | Path, kind: str, classes: list[str], cases: dict[str, dict]) -> str:
     """Write the index (atomically) with the stats of every complete case."""
     totals = np.zeros(len(classes), dtype=np.int64)
     for s in cases.values():
         totals += np.asarray(s["stats"]["label_counts"], dtype=np.int64)
     index = {
-        "dataset": dataset,
+        **kind_record(kind),
         "classes": classes,
         "num_cases": len(cases),
         "label_counts": [int(t) for t in totals],
@@ -100,13 +102,6 @@ def write_index(store_path: str | Path, dataset: str, classes: list[str], cases:
     return write_meta(store_path, "index", index)
 
 
-def read_index(store_path: str | Path) -> dict:
-    from hpc_seg.storage.store import open_store
-    from hpc_seg.errors import StoreError
-
-    open_store(store_path)  # a foreign or older-layout store is refused with its reason
-    index = read_meta(store_path, "index")
-    if index is None:
-        raise StoreError(f"{store_path}: store has no case index (conversion did not finish); rerun "
-                         "'hpc-seg prepare' (or 'hpc-seg convert')")
-    return index
+def read_index(store) -> dict:
+    """The index of a store path or an open :class:`~hpc_seg.ingest.catalog.Store` (its cached copy)."""
+    return Store.of(store).index

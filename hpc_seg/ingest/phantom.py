@@ -60,27 +60,43 @@ def _bone(x, y, z, rng):
 def generate_case(shape=(128, 128, 32), seed=0, tumours: int | None = None,
                   noise_hu: float | None = None) -> PhantomCase:
     """Generate one phantom case of ``shape`` voxels (X, Y, Z) with a random orientation."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # one stream, drawn in a fixed order: a seed is one case
+    grid = _grid(shape, rng)
+    x, y, z = grid["xyz"]
+    vol, liver = _anatomy(grid, rng)
+    label = np.zeros(shape, np.uint8)
+    label[liver] = 1
+    placed = _add_tumours(vol, label, liver, grid, rng, tumours)
+    vol = _scanner(vol, x, y, grid["fov"], rng, noise_hu)
+    (sx, sy, sz), (xs, ys, zs) = grid["spacing"], grid["axes"]
+    affine = np.diag([sx, sy, sz, 1.0])
+    affine[:3, 3] = [xs[0], ys[0], zs[0]]
+    vol, label, affine = _random_orientation(vol, label, affine, rng)
+    return PhantomCase(vol, label, affine, placed)
+
+
+def _grid(shape, rng) -> dict:
+    """World coordinates (mm) of every voxel: a random field of view and slab thickness."""
     nx, ny, nz = shape
     fov = rng.uniform(340, 420)  # mm in-plane field of view
     sx = sy = fov / nx
     z_extent = rng.uniform(180, 260)
     sz = z_extent / nz  # anisotropic: slices thicker than in-plane pixels (usually)
-    xs = (np.arange(nx) - nx / 2 + 0.5) * sx
-    ys = (np.arange(ny) - ny / 2 + 0.5) * sy
-    zs = (np.arange(nz) - nz / 2 + 0.5) * sz
-    x, y, z = np.meshgrid(xs.astype(np.float32), ys.astype(np.float32), zs.astype(np.float32),
-                          indexing="ij")
+    axes = [(np.arange(n) - n / 2 + 0.5) * s for n, s in ((nx, sx), (ny, sy), (nz, sz))]
+    xyz = np.meshgrid(*(a.astype(np.float32) for a in axes), indexing="ij")
+    return {"shape": shape, "fov": fov, "z_extent": z_extent, "spacing": (sx, sy, sz), "axes": axes, "xyz": xyz}
 
-    vol = np.full(shape, HU["air"], np.float32)
+
+def _anatomy(grid: dict, rng) -> tuple[np.ndarray, np.ndarray]:
+    """HU volume of body, organs, vessels and bone, and the liver mask."""
+    x, y, z = grid["xyz"]
+    vol = np.full(grid["shape"], HU["air"], np.float32)
     body = ((x / 160.0) ** 2 + ((y + 5) / 115.0) ** 2) < 1.0
     inner = ((x / 148.0) ** 2 + ((y + 5) / 103.0) ** 2) < 1.0
     vol[body] = HU["fat"]
     vol[inner] = HU["soft"]
-    muscle = inner & (((x / 70.0) ** 2 + ((y + 80) / 25.0) ** 2) < 1.0)
-    vol[muscle] = HU["muscle"]
-
-    z_mid = float(rng.uniform(-0.15, 0.25) * z_extent)  # liver covers only part of the slices
+    vol[inner & (((x / 70.0) ** 2 + ((y + 80) / 25.0) ** 2) < 1.0)] = HU["muscle"]
+    z_mid = float(rng.uniform(-0.15, 0.25) * grid["z_extent"])  # liver covers only part of the slices
     liver = _liver_mask(x, y, z, rng, z_mid) & inner
     spleen = (_ellipsoid(x, y, z, (-95, -20, z_mid + 20), (30, 45, 45)) < 1.0) & inner & ~liver
     kidneys = ((_ellipsoid(np.abs(x), y, z, (55, -55, z_mid - 60), (22, 28, 45)) < 1.0) & inner
@@ -94,9 +110,13 @@ def generate_case(shape=(128, 128, 32), seed=0, tumours: int | None = None,
     vol[(aorta | ivc) & inner] = HU["vessel"]
     vol[portal & liver] = HU["vessel"] - 20  # enhancing vessels inside the liver stay "liver"
     vol[_bone(x, y, z, rng) & body] = HU["bone"]
+    return vol, liver
 
-    label = np.zeros(shape, np.uint8)
-    label[liver] = 1
+
+def _add_tumours(vol, label, liver, grid: dict, rng, tumours: int | None) -> int:
+    """Hypo- or hyperdense blobs inside the liver (label 2); returns how many were placed."""
+    x, y, z = grid["xyz"]
+    xs, ys, zs = grid["axes"]
     n_tumours = int(rng.integers(0, 4)) if tumours is None else int(tumours)
     liver_idx = np.argwhere(liver)
     placed = 0
@@ -109,23 +129,19 @@ def generate_case(shape=(128, 128, 32), seed=0, tumours: int | None = None,
                            (radius, radius * rng.uniform(0.7, 1.3), radius)) < 1.0) & liver
         if not blob.any():
             continue
-        hu = rng.choice([rng.uniform(5, 35), rng.uniform(95, 130)])  # hypo- or hyperdense
-        vol[blob] = hu
+        vol[blob] = rng.choice([rng.uniform(5, 35), rng.uniform(95, 130)])
         label[blob] = 2
         placed += 1
+    return placed
 
-    # smooth partial-volume edges a little, then add noise; outside the FOV circle = -1024
+
+def _scanner(vol, x, y, fov: float, rng, noise_hu: float | None) -> np.ndarray:
+    """Partial-volume edges, noise, the field-of-view circle (-1024 outside), int16 HU."""
     vol = 0.6 * vol + 0.2 * (np.roll(vol, 1, 0) + np.roll(vol, -1, 0))
     sigma = rng.uniform(8, 14) if noise_hu is None else noise_hu
-    vol += rng.normal(0.0, sigma, size=shape).astype(np.float32)
-    fov_mask = (x / (fov / 2)) ** 2 + (y / (fov / 2)) ** 2 < 1.0
-    vol[~fov_mask] = -1024
-    vol = np.clip(np.rint(vol), -1024, 3071).astype(np.int16)
-
-    affine = np.diag([sx, sy, sz, 1.0])
-    affine[:3, 3] = [xs[0], ys[0], zs[0]]
-    vol, label, affine = _random_orientation(vol, label, affine, rng)
-    return PhantomCase(vol, label, affine, placed)
+    vol += rng.normal(0.0, sigma, size=vol.shape).astype(np.float32)
+    vol[(x / (fov / 2)) ** 2 + (y / (fov / 2)) ** 2 >= 1.0] = -1024
+    return np.clip(np.rint(vol), -1024, 3071).astype(np.int16)
 
 
 def _random_orientation(vol, label, affine, rng):

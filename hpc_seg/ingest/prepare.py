@@ -45,14 +45,14 @@ def prepare(kind: str, src, store, workers: int = 1, val: float = 0.2, test: flo
     with store_lock(store, f"hpc-seg prepare {kind} {src}") as token:
         report = convert(kind, src, store, workers=workers, show_progress=show_progress, lock_token=token)
         for extra_kind, extra_src in extra:
-            merge_reports(report, convert(extra_kind, extra_src, store, workers=workers,
+            add_report(report, convert(extra_kind, extra_src, store, workers=workers,
                                           show_progress=show_progress, lock_token=token))
         if report.failed:
             return Prepared(report, {}, None)
         return Prepared(report, *split_and_plan(store, val, test, seed, resplit))
 
 
-def merge_reports(report: ConversionReport, more: ConversionReport) -> ConversionReport:
+def add_report(report: ConversionReport, more: ConversionReport) -> ConversionReport:
     report.converted += more.converted
     report.skipped += more.skipped
     report.failed.update(more.failed)
@@ -75,8 +75,8 @@ def is_prepared(store, seed: int) -> bool:
 
 def prepare_command(cfg) -> str:
     d = cfg.data
-    adds = "".join(f" --add {e.dataset}:{e.path}" for e in d.extra_sources)
-    return (f"hpc-seg prepare {d.dataset} {d.source or 'SRC'} {d.store}{adds} --val {d.val_fraction} "
+    adds = "".join(f" --add {e.kind}:{e.path}" for e in d.extra_sources)
+    return (f"hpc-seg prepare {d.kind} {d.source or 'SRC'} {d.store}{adds} --val {d.val_fraction} "
             f"--test {d.test_fraction} --seed {d.split_seed}")
 
 
@@ -93,7 +93,7 @@ def prepare_for_config(cfg, workers: int = 2, log=print) -> None:
         return
     source = d.source
     if source is None:
-        if d.dataset != "phantom":
+        if d.kind != "phantom":
             raise StoreError(f"{store}: no store and no data.source to prepare it from; run: {prepare_command(cfg)}")
         from hpc_seg.ingest.phantom import write_lits_phantom
 
@@ -104,8 +104,8 @@ def prepare_for_config(cfg, workers: int = 2, log=print) -> None:
         log(f"generating a synthetic CT phantom in {source}")
         write_lits_phantom(source, cases=8, shape=(128, 128, 32), seed=d.split_seed)
     log(f"preparing {source} → {store}")
-    done = prepare(d.dataset, source, store, workers=workers, val=d.val_fraction, test=d.test_fraction,
-                   seed=d.split_seed, extra=[(e.dataset, e.path) for e in d.extra_sources])
+    done = prepare(d.kind, source, store, workers=workers, val=d.val_fraction, test=d.test_fraction,
+                   seed=d.split_seed, extra=[(e.kind, e.path) for e in d.extra_sources])
     if done.report.failed:
         raise StoreError(f"{source}: conversion failed for {sorted(done.report.failed)}: " +
                          "; ".join(done.report.failed.values()))

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_seg.ingest.index import read_index
+from hpc_seg.ingest.catalog import SPLITS, Store, check_split, split_key
 from hpc_seg.errors import SplitError
+from hpc_seg.storage.store import has_meta, write_meta
 
-SPLITS = ("train", "val", "test")
+__all__ = ["SPLITS", "check_split", "has_split", "make_split", "read_split", "read_split_file", "split_key",
+           "write_split"]
 
 
 def make_split(case_stats: dict[str, dict], val_fraction: float, test_fraction: float, seed: int,
@@ -58,36 +60,15 @@ def _ensure_nonempty(split, val_fraction, test_fraction, rng) -> None:
         raise SplitError("split leaves no training case; lower val/test fractions")
 
 
-def check_split(split: dict, known_cases: set[str] | None = None, source: str = "<split>") -> None:
-    """Raise SplitError if a case is in two splits, a split key is unknown or a case is unknown."""
-    unknown_keys = set(split) - set(SPLITS) - {"meta"}
-    if unknown_keys:
-        raise SplitError(f"{source}: unknown split name(s) {sorted(unknown_keys)}")
-    seen: dict[str, str] = {}
-    for name in SPLITS:
-        for cid in split.get(name, []):
-            if cid in seen:
-                raise SplitError(f"{source}: case '{cid}' is in both '{seen[cid]}' and '{name}' "
-                                 "(data leakage between splits)")
-            seen[cid] = name
-    if known_cases is not None:
-        missing = sorted(set(seen) - known_cases)
-        if missing:
-            raise SplitError(f"{source}: case(s) {missing[:5]} are not in the store")
-
-
-def split_key(seed: int) -> str:
-    return f"splits/seed{seed}"
-
-
-def write_split(store: str | Path, val_fraction: float, test_fraction: float, seed: int,
+def write_split(store, val_fraction: float, test_fraction: float, seed: int,
                 from_file: str | Path | None = None) -> dict:
     """Make (or import from a JSON file) the split of ``seed``, check it, keep it in the store's
-    metadata and compute its preprocessing plan from the training cases. Returns the split."""
+    metadata and compute its preprocessing plan from the training cases. Returns the split.
+    ``store``: a path or an open :class:`~hpc_seg.ingest.catalog.Store`."""
     from hpc_seg.preprocessing.plan import plan_from_split, write_plan
-    from hpc_seg.storage.store import store_info, write_meta
 
-    index = read_index(store)
+    store = Store.of(store)
+    index = store.index
     if from_file is not None:
         split = read_split_file(from_file, set(index["cases"]))
     else:
@@ -97,8 +78,8 @@ def write_split(store: str | Path, val_fraction: float, test_fraction: float, se
         raise SplitError(f"{from_file or store}: split has no training case")
     meta = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
             "num_cases": len(index["cases"]), "from_file": str(from_file) if from_file else None}
-    write_meta(store, split_key(seed), {**{k: split[k] for k in SPLITS}, "meta": meta})
-    write_plan(store, plan_from_split(store_info(store), index, split, seed))
+    write_meta(store.path, split_key(seed), {**{k: split[k] for k in SPLITS}, "meta": meta})
+    write_plan(store.path, plan_from_split(store.info, index, split, seed))
     return {k: list(split[k]) for k in SPLITS}
 
 
@@ -115,19 +96,12 @@ def read_split_file(path: str | Path, known_cases: set[str] | None = None) -> di
     return {k: list(split.get(k, [])) for k in SPLITS}
 
 
-def read_split(store: str | Path, seed: int) -> dict[str, list[str]]:
-    """The split of ``seed`` kept in the store (checked against the store's cases)."""
-    from hpc_seg.storage.store import read_meta
-
-    split = read_meta(store, split_key(seed))
-    if split is None:
-        raise SplitError(f"{store}: no split for seed {seed}; run 'hpc-seg split {store} --seed {seed}' "
-                         "(or 'hpc-seg prepare')")
-    check_split(split, set(read_index(store)["cases"]), source=f"{store} (meta/{split_key(seed)})")
-    return {k: list(split.get(k, [])) for k in SPLITS}
+def read_split(store, seed: int) -> dict[str, list[str]]:
+    """The split of ``seed`` kept in the store (checked against the store's cases); ``store``: a path
+    or an open :class:`~hpc_seg.ingest.catalog.Store`."""
+    return Store.of(store).split(seed)
 
 
-def has_split(store: str | Path, seed: int) -> bool:
-    from hpc_seg.storage.store import has_meta
-
+def has_split(store, seed: int) -> bool:
+    """Whether the store holds the split of ``seed``, without opening it (a path or a Store)."""
     return has_meta(store, split_key(seed))

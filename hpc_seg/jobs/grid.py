@@ -1,4 +1,5 @@
-"""Grid files: a base config plus axes, expanded to one run per point (a SLURM job array).
+"""Grid files: a base config plus axes, expanded to one run per point (a SLURM job array);
+:class:`GridPoint` is one run of a submission (a grid point, or the single config of a non-grid one).
 
 ::
 
@@ -14,13 +15,23 @@ from __future__ import annotations
 
 import itertools
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from hpc_seg.config import load_raw, resolve_config_path
+from hpc_seg.config import Config, load_raw, resolve_config_path
 from hpc_seg.config.loader import read_yaml
 from hpc_seg.errors import ConfigError
+
+
+@dataclass
+class GridPoint:
+    """One run of a submission: its point name (the config's name when not a grid), config, run directory."""
+
+    name: str
+    cfg: Config
+    run_dir: Path
 
 
 def is_grid(path: str | Path) -> bool:
@@ -54,7 +65,7 @@ def _short(key: str, value) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "", text)
 
 
-def expand(axes: dict[str, list]) -> list[tuple[str, list[str]]]:
+def expand_grid(axes: dict[str, list]) -> list[tuple[str, list[str]]]:
     """Cartesian product → [(point name, ['key=value', …])] in a stable order."""
     keys = list(axes)
     points = []

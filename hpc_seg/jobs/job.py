@@ -67,7 +67,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         from hpc_seg.config import Config
-        from hpc_seg.config.loader import from_dict
+        from hpc_seg.config.loader import from_dict, rename_former_keys
         from hpc_seg.training.trainer import EXIT_OK, EXIT_PREEMPTED, Trainer
 
         env = submitit.JobEnvironment()
@@ -75,7 +75,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         if env.num_tasks > 1 or "SLURM_JOB_ID" in os.environ:
             clear_inherited_rendezvous()
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        cfg = from_dict(Config, self.config, source=f"{self.run_dir}/config (submitted)")
+        cfg = from_dict(Config, rename_former_keys(Config, self.config, warn=False),
+                        source=f"{self.run_dir}/config (submitted)")
         if env.num_tasks == 1:  # one process: it may prepare its data first (several ranks never do)
             from hpc_seg.ingest.prepare import prepare_for_config
 

@@ -31,7 +31,7 @@ from hpc_seg.storage import lock
 from hpc_seg.ingest.convert import ConversionReport, convert, rebuild_index
 from hpc_seg.ingest.kinds import get_kind
 from hpc_seg.storage.location import is_remote
-from hpc_seg.ingest.prepare import merge_reports, split_and_plan
+from hpc_seg.ingest.prepare import add_report, split_and_plan
 from hpc_seg.storage.store import FORMAT, create_or_open_store
 from hpc_seg.errors import HpcSegError
 from hpc_seg.storage.atomic import atomic_write_json
@@ -47,7 +47,7 @@ def convert_part(sources: list[tuple[str, str]], store: str, part: int, parts: i
     """Array task ``part``: cases ``part::parts`` of every source; report written before any error."""
     report = ConversionReport(store)
     for kind, src in sources:
-        merge_reports(report, convert(kind, src, store, workers=workers, show_progress=False,
+        add_report(report, convert(kind, src, store, workers=workers, show_progress=False,
                                       part=(part, parts), index=False, lock_token=token))
     summary = {"part": part, "parts": parts, "converted": report.converted, "skipped": report.skipped,
                "failed": report.failed, "notes": report.notes}

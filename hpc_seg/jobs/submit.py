@@ -4,7 +4,6 @@ checking the request before anything is queued, rendering the sbatch script, sub
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
@@ -46,13 +45,6 @@ def load_site(site: str | Path | None):
     return from_dict(SlurmConfig, raw.get("slurm") or {}, source=str(path))
 
 
-@dataclass
-class Planned:
-    name: str
-    cfg: Config
-    run_dir: Path
-
-
 def load_launch_config(config: str | Path, overrides: list[str], site: str | Path | None) -> Config:
     """Config = site profile's ``slurm:`` defaults ← the config file ← ``--set`` overrides."""
     path = resolve_config_path(config)
@@ -83,7 +75,7 @@ def _under(path: Path, prefixes: list[str]) -> str | None:
     return next((p for p in prefixes if resolved == p or resolved.startswith(p.rstrip("/") + "/")), None)
 
 
-def validate_request(cfg: Config, run_dir: Path) -> list[str]:
+def check_request(cfg: Config, run_dir: Path) -> list[str]:
     """Problems that would make the job fail on the cluster; empty when the request is sound."""
     from hpc_seg.models import check_model_args
 
@@ -99,11 +91,11 @@ def validate_request(cfg: Config, run_dir: Path) -> list[str]:
                             f"{s.world_size} ranks need it ready: {prepare_command(cfg)}")
         elif source is not None and not source.exists():
             problems.append(f"data.store {store} is not a prepared store and data.source {source} does not exist")
-        elif source is None and d.dataset != "phantom" and not is_file(join(store, "zarr.json")):
+        elif source is None and d.kind != "phantom" and not is_file(join(store, "zarr.json")):
             problems.append(f"data.store {store} does not exist: {prepare_command(cfg)}")
         for extra in d.extra_sources:
             if not Path(extra.path).exists():
-                problems.append(f"data.extra_sources: {extra.dataset} source {extra.path} does not exist")
+                problems.append(f"data.extra_sources: {extra.kind} source {extra.path} does not exist")
     if s.nodes > 1:
         for what, p in (("run directory", run_dir), ("data.store", store)):
             local = None if is_remote(p) else _under(Path(p), s.node_local_paths)

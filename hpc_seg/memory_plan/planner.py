@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hpc_seg.errors import HpcSegError
+
 GIB = 1024 ** 3
 GPU_SIZES_GB = (16, 24, 40, 80)
 OVERHEAD_BYTES = int(1.5 * GIB)  # CUDA context + allocator fragmentation (typical, not measured here)
@@ -121,13 +123,11 @@ class Profile:
 def profile_model(cfg, io: tuple[int, int] | None = None) -> Profile:
     """Measure Ψ and activations (batches 1, 2) at depths 1, 2 (TransUNet) or as configured (CNNs).
 
-    ``io``: (input channels, output channels) from the data's preprocessing plan; default: one CT
-    channel per slice and three classes (liver task)."""
-    from hpc_seg.models import build_model
+    ``io``: (input channels, output channels); default: :func:`model_channels` of the config."""
+    from hpc_seg.models import build_model, count_parameters
 
     m, d = cfg.model, cfg.data
-    if io is None:
-        io = (d.slices if d.mode == "2.5d" else 1, 3)
+    io = io or model_channels(cfg)
     kw = dict(in_channels=io[0], num_classes=io[1])
     hw = tuple(d.size)
     if m.name == "transunet":
@@ -139,7 +139,7 @@ def profile_model(cfg, io: tuple[int, int] | None = None) -> Profile:
     psi, act = {}, {False: {}, True: {}}
     for dd in depths:
         ov = {**m.overrides, "depth": dd} if m.name == "transunet" else dict(m.overrides)
-        psi[dd] = sum(p.numel() for p in build_model(m.name, m.size, **kw, **ov).parameters())
+        psi[dd] = count_parameters(build_model(m.name, m.size, **kw, **ov))
         for ckpt in (False, True):
             for b in (1, 2):
                 act[ckpt][(dd, b)] = measure_activations(m.name, m.size, kw["in_channels"], kw["num_classes"],
@@ -172,3 +172,24 @@ def recommend(prof: Profile, depth: int, batch: int, world: int, precision: str,
             if need <= gpu_bytes:
                 return {"zero_stage": stage, "activation_checkpointing": ckpt, "bytes": need}
     return None
+
+
+def model_channels(cfg) -> tuple[int, int]:
+    """(input, output) channels of the config's model: from the store's preprocessing plan when the
+    store is prepared, else from the dataset kind's facts by the plan's own rule
+    (:func:`hpc_seg.preprocessing.plan.input_channels` / ``output_channels``). A kind whose classes
+    come from the source (MSD) needs the prepared store."""
+    from hpc_seg.ingest.kinds import get_kind
+    from hpc_seg.ingest.prepare import is_prepared, prepare_command
+    from hpc_seg.preprocessing.plan import input_channels, output_activation, output_channels, read_plan
+
+    d = cfg.data
+    if is_prepared(d.store, d.split_seed):
+        p = read_plan(d.store, d.split_seed).resolve(d, cfg.loss.kind)
+        return p.in_channels, p.out_channels
+    kind = get_kind(d.kind)
+    if kind.classes is None:
+        raise HpcSegError(f"data.kind {kind.name} takes its classes from the source and data.store {d.store} "
+                          f"is not prepared (split seed {d.split_seed}): prepare it first ({prepare_command(cfg)})")
+    return (input_channels(kind.channels, d.mode, d.slices),
+            output_channels(len(kind.classes), output_activation(cfg.loss.kind)))

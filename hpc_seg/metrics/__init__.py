@@ -12,17 +12,24 @@ negatives — so results are exact, order-independent, and can be summed across 
 * LiTS-style **Dice per case** (mean of per-case Dice) and **global Dice** (from pooled counts);
 * the precision-recall curve and average precision of the ``pr_class`` probability.
 
+A batch comes in one of two forms: :meth:`SegmentationMetrics.add_probs` takes class
+probabilities (training validation: the argmax is the prediction, the probabilities give the PR
+curve), :meth:`SegmentationMetrics.add_labels` takes predicted labels (``evaluate``: labels after
+post-processing, with the PR histogram counted where the model ran, or none).
+
 The counting helpers (:func:`joint_counts`, :func:`score_bins`, :func:`pr_histogram`) run on
 whichever device holds their inputs and key ``bincount`` in the narrowest integer type:
-``evaluate`` counts a case's PR histogram where the model ran and passes the (2, bins) counts
-to ``update(pr_counts=…)``; ``update`` itself counts on the host, as it always has.
+``evaluate`` counts a case's PR histogram on the model's device and passes the (2, bins) counts
+to ``add_labels(pr_counts=…)``; ``add_probs`` counts on the host.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
 from hpc_seg.distributed import collectives as coll
+from hpc_seg.preprocessing.labels import merge_probabilities
 
 
 def _ratio(num: float, den: float):
@@ -66,26 +73,12 @@ def pr_histogram(bin_index: torch.Tensor, positive: torch.Tensor, bins: int) -> 
     return torch.bincount(key.flatten(), minlength=2 * bins).reshape(2, bins)
 
 
-def _probs_and_pred(logits, target, pred, probs):
-    """(probabilities or None, hard prediction) of a batch, as ``SegmentationMetrics.update`` reads it."""
-    if probs is not None:
-        probs = probs.float()
-    elif logits is not None and logits.dim() == target.dim() + 1:
-        probs = logits.float().softmax(1)
-    if pred is None:
-        pred = probs.argmax(1) if probs is not None else logits
-    return probs, pred
-
-
-def _merged(label_maps: torch.Tensor, pred: torch.Tensor, probs):
-    """Predictions (and probabilities) counted as each item's case counts them (label maps, CPU)."""
-    from hpc_seg.preprocessing.labels import is_identity, merge_probabilities
-
-    if not all(is_identity(m) for m in label_maps):  # fully annotated cases: nothing to map
-        pred = torch.gather(label_maps, 1, pred.long().cpu().flatten(1)).view(pred.shape)
-    if probs is not None:
-        probs = merge_probabilities(probs.cpu(), label_maps)
-    return pred, probs
+def _merged_labels(label_maps: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Predictions as each item's case counts them (``label_maps`` (N, C) int64 on the CPU); fully
+    annotated cases (every map the identity) keep theirs without a gather."""
+    if bool((label_maps == torch.arange(label_maps.shape[1])).all()):
+        return pred
+    return torch.gather(label_maps, 1, pred.long().cpu().flatten(1)).view(pred.shape)
 
 
 class SegmentationMetrics:
@@ -115,46 +108,54 @@ class SegmentationMetrics:
         self.annotated: dict[str, list[int]] = {}  # case -> classes it annotates (partially labelled only)
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, target: torch.Tensor, case_ids=None, pred: torch.Tensor | None = None,
-               probs: torch.Tensor | None = None, label_maps: torch.Tensor | None = None,
-               pr_counts: torch.Tensor | None = None) -> None:
-        """Add a batch: ``logits`` (N, C, *S) (or hard predictions (N, *S)), ``target`` (N, *S).
+    def add_probs(self, probs: torch.Tensor, target: torch.Tensor, case_ids=None,
+                  label_maps: torch.Tensor | None = None) -> None:
+        """Add a batch of class probabilities ``probs`` (N, C, *S) against ``target`` (N, *S): their
+        argmax is the prediction and ``probs[:, pr_class]`` the PR score (on the host).
 
         ``case_ids``: one id per batch item (slices of a case may come in any batch or rank).
-        ``probs`` may replace ``logits`` (already softmaxed), and ``pred`` the argmax (e.g. after
-        post-processing); the PR curve always uses the probabilities.
         ``label_maps`` (N, C): partially labelled cases (``hpc_seg.preprocessing.labels``): predictions and
         probabilities of classes an item's case does not annotate count as the class they lie in,
         and that case's figures for those classes are left out (None), as is its PR contribution.
-        ``pr_counts`` (2, pr_bins): the batch's PR histogram counted already (:func:`pr_histogram`
-        on the device that holds the probabilities, scores summed over :meth:`pr_sources`), in
-        place of ``probs`` — so whole volumes of probabilities need not come to the host.
         """
-        if pr_counts is not None and (probs is not None or self.pr_class is None):
-            raise ValueError("metrics: pr_counts replace probs (give one of them) and need a pr_class")
-        probs, pred = _probs_and_pred(logits, target, pred, probs)
+        probs = probs.float()
+        pred = probs.argmax(1)
         keep_pr = None
         if label_maps is not None:
             label_maps = label_maps.long().cpu()
-            pred, probs = _merged(label_maps, pred, probs)
+            pred = _merged_labels(label_maps, pred)
+            probs = merge_probabilities(probs.cpu(), label_maps)
             if self.pr_class is not None:
                 keep_pr = label_maps[:, self.pr_class] == self.pr_class
-        if pred.shape != target.shape:
-            raise ValueError(f"metrics: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-        t, p = target.cpu(), pred.cpu()
-        self._check_range(t, p)
-        self._add_counts(t, p, case_ids, label_maps)
+        self._add_counts(pred, target, case_ids, label_maps)
+        if self.pr_class is not None:
+            prob, t = probs[:, self.pr_class].cpu(), target.cpu()
+            if keep_pr is not None:
+                prob, t = prob[keep_pr], t[keep_pr]
+            self.pr_hist += pr_histogram(score_bins(prob, self.pr_bins), t == self.pr_class, self.pr_bins)
+
+    @torch.no_grad()
+    def add_labels(self, pred: torch.Tensor, target: torch.Tensor, case_ids=None,
+                   label_maps: torch.Tensor | None = None, pr_counts: torch.Tensor | None = None) -> None:
+        """Add a batch of predicted labels ``pred`` (N, *S) (e.g. after post-processing) against
+        ``target`` (N, *S); ``case_ids`` and ``label_maps`` as in :meth:`add_probs`.
+
+        ``pr_counts`` (2, pr_bins): the batch's PR histogram counted already (:func:`pr_histogram`
+        on the device that holds the probabilities, scores summed over :meth:`pr_sources`), so
+        whole volumes of probabilities need not come to the host; None adds nothing to the PR curve.
+        """
+        if pr_counts is not None and self.pr_class is None:
+            raise ValueError("metrics: pr_counts need a pr_class")
+        if label_maps is not None:
+            label_maps = label_maps.long().cpu()
+            pred = _merged_labels(label_maps, pred)
+        self._add_counts(pred, target, case_ids, label_maps)
         if pr_counts is not None:
             self.pr_hist += pr_counts.cpu().long().reshape(2, self.pr_bins)
-        elif probs is not None and self.pr_class is not None:
-            prob, tt = probs[:, self.pr_class].cpu(), t
-            if keep_pr is not None:
-                prob, tt = prob[keep_pr], t[keep_pr]
-            self.pr_hist += pr_histogram(score_bins(prob, self.pr_bins), tt == self.pr_class, self.pr_bins)
 
     def pr_sources(self, label_map) -> list[int] | None:
         """Classes whose probabilities sum to the PR score on a case with ``label_map`` (as
-        ``update`` merges them); None when the case does not annotate ``pr_class`` (no PR counts)."""
+        ``add_probs`` merges them); None when the case does not annotate ``pr_class`` (no PR counts)."""
         if self.pr_class is None:
             return None
         lmap = [int(v) for v in label_map]
@@ -169,7 +170,12 @@ class SegmentationMetrics:
             if x.numel() and (int(x.min()) < 0 or int(x.max()) >= c):
                 raise ValueError(f"metrics: {what} values outside [0, {c - 1}]")
 
-    def _add_counts(self, t: torch.Tensor, p: torch.Tensor, case_ids, label_maps) -> None:
+    def _add_counts(self, pred: torch.Tensor, target: torch.Tensor, case_ids, label_maps) -> None:
+        """A batch's confusion and per-case counts, on the host."""
+        if pred.shape != target.shape:
+            raise ValueError(f"metrics: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        t, p = target.cpu(), pred.cpu()
+        self._check_range(t, p)
         c = self.num_classes
         if case_ids is None:
             self.confusion += joint_counts(t, p, c)

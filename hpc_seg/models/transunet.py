@@ -214,8 +214,4 @@ def build(size: str = "r50-vit-b16", in_channels: int = 1, num_classes: int = 3,
     return TransUNet(in_channels=in_channels, num_classes=num_classes, **{**SIZES[size], **overrides})
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-__all__ = ["TransUNet", "SCSE", "build", "SIZES", "count_parameters"]
+__all__ = ["TransUNet", "SCSE", "build", "SIZES"]

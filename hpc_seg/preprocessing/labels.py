@@ -38,10 +38,6 @@ def label_map(classes: list[str], merge: dict, annotated: list[str] | None) -> l
     return out
 
 
-def is_identity(mapping) -> bool:
-    return all(int(v) == i for i, v in enumerate(mapping))
-
-
 def annotated_of(index: dict, case_id: str) -> list[str] | None:
     """The classes a case annotates (None: every class of its store)."""
     return index["cases"][case_id].get("annotated")
@@ -74,7 +70,7 @@ def store_label_lut(plan, info: dict, store) -> np.ndarray:
         if lost:
             problem = f"model classes {lost} have no counterpart in the store and lie in no class it marks"
     if problem:
-        raise PlanError(f"{store}: store holds {info.get('dataset')} data with classes {theirs}, "
+        raise PlanError(f"{store}: store holds {info.get('kind')} data with classes {theirs}, "
                         f"{info.get('channels')} channel(s), {info.get('modality')}; the model's plan expects "
                         f"{plan.kind} with classes {mine}, {plan.channels} channel(s), {plan.modality} "
                         f"({problem})")

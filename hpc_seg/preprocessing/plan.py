@@ -82,11 +82,11 @@ class PreprocessingPlan:
 
     @property
     def in_channels(self) -> int:
-        return self.channels * (self.slices if self.mode == "2.5d" else 1)
+        return input_channels(self.channels, self.mode, self.slices)
 
     @property
     def out_channels(self) -> int:
-        return 1 if self.output == "sigmoid" else self.num_classes
+        return output_channels(self.num_classes, self.output)
 
     # -------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:
@@ -118,12 +118,10 @@ class PreprocessingPlan:
         d = data_cfg
         if self.modality == "RGB" and d.mode != "2d":
             raise PlanError(f"data.mode must be '2d' for {self.kind} (single RGB images), got '{d.mode}'")
-        output = "softmax"
-        if loss_kind == "bce_dice":
-            if self.num_classes != 2:
-                raise PlanError(f"loss.kind bce_dice is for binary tasks (one logit); {self.kind} has "
-                                f"{self.num_classes} classes {list(self.classes)}: use dice_ce")
-            output = "sigmoid"
+        output = output_activation(loss_kind)
+        if output == "sigmoid" and self.num_classes != 2:
+            raise PlanError(f"loss.kind bce_dice is for binary tasks (one logit); {self.kind} has "
+                            f"{self.num_classes} classes {list(self.classes)}: use dice_ce")
         window = tuple(d.window) if d.window is not None else self.window
         if self.modality == "RGB" and d.window is not None:
             raise PlanError("data.window is an HU window for CT; RGB data has none")
@@ -133,6 +131,22 @@ class PreprocessingPlan:
                                    patch_depth=d.patch_depth if d.mode == "3d" else 0,
                                    size=tuple(d.size), output=output)
         return _with_normalisation(plan, d)
+
+
+# ------------------------------------------------------------------ the model's channels (one rule)
+def input_channels(channels: int, mode: str | None, slices: int) -> int:
+    """Model input channels: the data's channels per slice, times the k slices of a 2.5D sample."""
+    return channels * (slices if mode == "2.5d" else 1)
+
+
+def output_activation(loss_kind: str) -> str:
+    """``sigmoid`` (one logit, binary) for ``bce_dice``, else ``softmax`` (one logit per class)."""
+    return "sigmoid" if loss_kind == "bce_dice" else "softmax"
+
+
+def output_channels(num_classes: int, output: str) -> int:
+    """Model output channels: one logit for ``sigmoid``, one per class (background included) for ``softmax``."""
+    return 1 if output == "sigmoid" else num_classes
 
 
 def _with_normalisation(plan: PreprocessingPlan, d=None, rgb: tuple | None = None) -> PreprocessingPlan:
@@ -196,7 +210,7 @@ def plan_from_split(info: dict, index: dict, split: dict, seed: int) -> Preproce
     defaults = info.get("defaults") or {}
     fg = pooled_foreground([index["cases"][c]["stats"] for c in train]) if info["modality"] == "CT" else {}
     window = tuple(defaults["window"]) if defaults.get("window") else None
-    plan = PreprocessingPlan(kind=info["dataset"], modality=info["modality"], classes=tuple(info["classes"]),
+    plan = PreprocessingPlan(kind=info["kind"], modality=info["modality"], classes=tuple(info["classes"]),
                              channels=int(info["channels"]), split_seed=seed, train_cases=len(train),
                              train_digest=digest, foreground=fg, window=window,
                              normalize=defaults.get("normalize") or "minmax", merge=dict(info.get("merge") or {}))
@@ -230,9 +244,8 @@ def read_plan(store, seed: int) -> PreprocessingPlan:
 def read_run_plan(run_dir) -> PreprocessingPlan:
     path = Path(run_dir) / PLAN_FILE
     if not path.is_file():
-        raise PlanError(f"{run_dir}: run directory has no {PLAN_FILE} (made before preprocessing plans existed); "
-                        f"retrain with this hpc-seg, or attach the store's plan: "
-                        f"hpc-seg export {run_dir} --out MODEL.safetensors --plan-from-store STORE")
+        raise PlanError(f"{run_dir}: run directory has no {PLAN_FILE} (made before preprocessing plans existed, "
+                        f"hpc-seg 0.1); retrain it with this hpc-seg")
     try:
         d = json.loads(path.read_text())
     except ValueError as exc:

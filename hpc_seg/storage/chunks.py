@@ -36,6 +36,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 
 from hpc_seg.errors import StoreError
+from hpc_seg.storage import location as loc
 
 EMPTY = np.uint64(2 ** 64 - 1)  # the sharding index's "no chunk here"
 
@@ -55,15 +56,14 @@ class ChunkReader:
     ``cache``: a local directory caching whole shards of an object store (ignored for local stores)."""
 
     def __init__(self, array: zarr.Array, cache: str | None = None):
-        from zarr.storage import FsspecStore, LocalStore
-
         self.array = array
         self._fds: dict[tuple, tuple] = {}
         self._ready: dict[tuple, tuple] = {}  # (bytes, expected size) fetched ahead by one coalesced request
         md = array.metadata
         codecs = list(getattr(md, "codecs", ()))
-        remote = isinstance(array.store, FsspecStore) and sys.byteorder == "little"
-        local = isinstance(array.store, LocalStore) and sys.byteorder == "little"
+        where = _where(array.store) if sys.byteorder == "little" else None
+        local = where is not None and not loc.is_remote(where)
+        remote = where is not None and loc.is_remote(where)
         self.sharded = (local or remote) and len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)
         if self.sharded:
             sh = codecs[0]
@@ -79,8 +79,7 @@ class ChunkReader:
             self.fast = local and ok and not self.crc
             self.chunks = tuple(md.chunk_grid.chunk_shape)
         if self.fast:
-            self.files = (LocalFiles(Path(array.store.root), array.path) if local
-                          else RemoteFiles(array.store, array.path, cache))
+            self.files = ShardFiles(where, array.path, cache)
             self.dtype = np.dtype(array.dtype).newbyteorder("<")
             self.fill = np.asarray(md.fill_value, dtype=self.dtype)
             self.blosc = numcodecs.Blosc()
@@ -121,10 +120,8 @@ class ChunkReader:
 
     def _raw(self, coords: tuple[int, ...]) -> bytes | None:
         if not self.sharded:
-            try:
-                return (self.files.dir / self.array.metadata.encode_chunk_key(coords)).read_bytes()
-            except FileNotFoundError:  # the unsharded layout did not write chunks equal to the fill value
-                return None
+            # None: the unsharded layout does not write chunks equal to the fill value
+            return self.files.read(self.array.metadata.encode_chunk_key(coords))
         ready = self._ready.pop(coords, None)
         if ready is None:
             handle, offset, nbytes = self._locate(coords)
@@ -208,7 +205,7 @@ class ChunkReader:
         out = np.empty([b - a for a, b in zip(starts, stops)], dtype=self.dtype)
         grid = [range(a // c, (b - 1) // c + 1) if b > a else range(0)
                 for a, b, c in zip(starts, stops, self.chunks)]
-        if self.sharded and isinstance(self.files, RemoteFiles) and self.files.cache is None:
+        if self.sharded and self.files.remote and self.files.cache is None:
             self._prefetch(list(itertools.product(*grid)))
         for coords in itertools.product(*grid):
             lo = [max(a, k * c) for a, k, c in zip(starts, coords, self.chunks)]
@@ -239,92 +236,78 @@ def _crc_ok(raw: bytes) -> bool:
     return len(raw) >= 4 and google_crc32c.value(raw[:-4]) == int.from_bytes(raw[-4:], "little")
 
 
-def _tail(fd: int, n: int) -> bytes:
-    """The last ``n`` bytes of an open file (b"" when it is shorter)."""
-    end = os.fstat(fd).st_size
-    return os.pread(fd, n, end - n) if end >= n else b""
+class ShardFiles:
+    """The chunk files (shards) of one array, through its store's filesystem
+    (``hpc_seg.storage.location``): open, tail, pread, close, whole reads. A handle is the
+    filesystem that reads it and its own handle, so with ``cache`` (a local directory) an
+    object-store shard is fetched whole once per ETag, atomically, and then read with ``pread``.
+    Counts object-store requests and bytes (``bench/object_store.py``)."""
 
-
-class LocalFiles:
-    """Shard files of one array on a POSIX filesystem: open, pread, close."""
-
-    def __init__(self, root: Path, path: str):
-        self.dir, self.where = root / path, str(root)
-
-    def name(self, key: str) -> str:
-        return str(self.dir / key)
-
-    def open(self, key: str) -> int:
-        return os.open(self.dir / key, os.O_RDONLY)
-
-    def tail(self, fd: int, n: int) -> bytes:
-        return _tail(fd, n)
-
-    def pread(self, fd: int, n: int, offset: int) -> bytes:
-        return os.pread(fd, n, offset)
-
-    def close(self, fd: int) -> None:
-        os.close(fd)
-
-
-class RemoteFiles:
-    """Shard objects of one array in an object store: ranged GETs (this process's own session,
-    ``hpc_seg.storage.location``), or whole shards cached in a local directory. Counts requests and
-    bytes (``bench/object_store.py``)."""
-
-    def __init__(self, store, path: str, cache: str | None = None):
-        from hpc_seg.storage import location as loc
-
-        proto = store.fs.protocol[0] if isinstance(store.fs.protocol, (tuple, list)) else store.fs.protocol
-        self.base = f"{store.path.rstrip('/')}/{path}"
-        self.where = f"{proto}://{store.path.rstrip('/')}"
-        self.fs = loc.filesystem(self.where)
-        self.cache = Path(cache) if cache else None
+    def __init__(self, where: str, path: str, cache: str | None = None):
+        self.where, self.fs = where, loc.fs_for(where)
+        self.dir, self.remote = self.fs.join(where, path), self.fs.remote
+        self.cache = Path(cache) if cache and self.remote else None
         self._cached: dict[str, str] = {}
         self.requests = self.bytes = 0
 
     def name(self, key: str) -> str:
-        return f"{self.where.split('://')[0]}://{self.base}/{key}"
+        return self.fs.join(self.dir, key)
 
-    def open(self, key: str):
+    def read(self, key: str) -> bytes | None:
+        """A whole chunk file; None when absent."""
+        return self.fs.read_bytes(self.name(key))
+
+    def open(self, key: str) -> tuple:
+        path = self.name(key)
         if self.cache is None:
-            return f"{self.base}/{key}"
-        obj = f"{self.base}/{key}"
-        if obj not in self._cached:
-            self._cached[obj] = self._fetch(obj)
-        return os.open(self._cached[obj], os.O_RDONLY)
+            return self.fs, self.fs.open(path)
+        if path not in self._cached:
+            self._cached[path] = self._fetch(path)
+        return loc.LOCAL, loc.LOCAL.open(self._cached[path])
 
-    def _fetch(self, obj: str) -> str:
-        """Download ``obj`` whole into the cache (atomically) unless its ETag is there already."""
+    def _fetch(self, path: str) -> str:
+        """Download ``path`` whole into the cache (atomically) unless its ETag is there already."""
         import hashlib
 
-        info = self.fs.info(obj)
+        tag = self.fs.version(path)
         self.requests += 1
-        tag = str(info.get("ETag") or info.get("etag") or info["size"]).strip('"')
-        local = self.cache / hashlib.sha1(f"{obj}@{tag}".encode()).hexdigest()[:32]
+        local = self.cache / hashlib.sha1(f"{self.fs.key(path)}@{tag}".encode()).hexdigest()[:32]
         if not local.is_file():
             local.parent.mkdir(parents=True, exist_ok=True)
             tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
-            data = self.fs.cat_file(obj)
+            data = self.fs.read_bytes(path)
+            if data is None:
+                raise FileNotFoundError(path)
             self.requests, self.bytes = self.requests + 1, self.bytes + len(data)
             tmp.write_bytes(data)
             os.replace(tmp, local)
         return str(local)
 
-    def tail(self, handle, n: int) -> bytes:
-        if isinstance(handle, int):
-            return _tail(handle, n)
-        data = self.fs.cat_file(handle, start=-n)
-        self.requests, self.bytes = self.requests + 1, self.bytes + len(data)
+    def _counted(self, fs, data: bytes) -> bytes:
+        if fs.remote:
+            self.requests, self.bytes = self.requests + 1, self.bytes + len(data)
         return data
 
-    def pread(self, handle, n: int, offset: int) -> bytes:
-        if isinstance(handle, int):
-            return os.pread(handle, n, offset)
-        data = self.fs.cat_file(handle, start=offset, end=offset + n)
-        self.requests, self.bytes = self.requests + 1, self.bytes + len(data)
-        return data
+    def tail(self, handle: tuple, n: int) -> bytes:
+        fs, h = handle
+        return self._counted(fs, fs.tail(h, n))
 
-    def close(self, handle) -> None:
-        if isinstance(handle, int):
-            os.close(handle)
+    def pread(self, handle: tuple, n: int, offset: int) -> bytes:
+        fs, h = handle
+        return self._counted(fs, fs.pread(h, n, offset))
+
+    def close(self, handle: tuple) -> None:
+        fs, h = handle
+        fs.close(h)
+
+
+def _where(store) -> str | None:
+    """The location (``hpc_seg.storage.location``) of a zarr store the fast path reads; None for others."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    if isinstance(store, LocalStore):
+        return str(store.root)
+    if isinstance(store, FsspecStore):
+        proto = store.fs.protocol[0] if isinstance(store.fs.protocol, (tuple, list)) else store.fs.protocol
+        return f"{proto}://{store.path.rstrip('/')}"
+    return None

@@ -2,7 +2,7 @@
 
 ::
 
-    STORE.zarr/                      root group; attrs["hpc_seg"] = {format, dataset, classes, channels,
+    STORE.zarr/                      root group; attrs["hpc_seg"] = {format, kind, classes, channels,
                                      modality, defaults (window, normalize, rgb mean/std), modes}
       meta/index/                    group; attrs: per-case statistics (``convert``, ingest/index.py)
       meta/splits/seed0/             group; attrs: train/val/test case lists (``split``/``prepare``)
@@ -30,6 +30,9 @@ last, so a case half-written by a crash is detected and rewritten, never trusted
 Store metadata (index, splits, plans) lives in attributes of groups under ``meta/``, so plain
 zarr-python lists the store without warnings; each is one ``zarr.json`` written atomically
 (temporary file + rename) and read without touching the others.
+
+The dataset kind is ``kind`` in the root attributes and the index; stores written by earlier
+versions name it ``dataset``, and :func:`with_kind` (the one reader of that key) takes either.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from hpc_seg.storage import location as loc
-from hpc_seg.storage.chunks import ChunkReader  # noqa: F401  (re-exported: zstore.ChunkReader)
 from hpc_seg.errors import StoreError
 
 FORMAT = "hpc-seg/zarr-v3"  # sharded: one shard file per array per case, every chunk written, crc32c
@@ -55,6 +57,20 @@ WRITE_ALL_CHUNKS = {"write_empty_chunks": True}  # an absent chunk is damage, ne
 
 def _is_zarr_dir(path) -> bool:
     return loc.is_file(loc.join(path, "zarr.json"))
+
+
+def with_kind(meta: dict) -> dict:
+    """Root attributes or an index with the kind under ``kind``, whichever name the store used."""
+    meta = dict(meta)
+    if "kind" not in meta and "dataset" in meta:
+        meta["kind"] = meta["dataset"]
+    return meta
+
+
+def kind_record(kind: str) -> dict:
+    """The kind as stores record it: ``kind``, and ``dataset`` too, so that hpc-seg 0.2 installs
+    sharing a store keep reading it (drop ``dataset`` in 0.4)."""
+    return {"kind": kind, "dataset": kind}
 
 
 def open_store(path, mode: str = "r") -> zarr.Group:
@@ -71,15 +87,20 @@ def open_store(path, mode: str = "r") -> zarr.Group:
     if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith("hpc-seg/"):
         raise StoreError(f"{path}: Zarr store was not written by hpc-seg (format {FORMAT} expected)")
     if meta["format"] not in READABLE:
+        kind = with_kind(meta).get("kind", "KIND")
         raise StoreError(f"{path}: store layout {meta['format']}, this hpc-seg reads {' and '.join(READABLE)}; "
-                         f"convert the source again into a new store: hpc-seg prepare {meta.get('dataset', 'KIND')} "
-                         "SRC NEW.zarr")
+                         f"convert the source again into a new store: hpc-seg prepare {kind} SRC NEW.zarr")
     return root
 
 
+def root_info(root: zarr.Group) -> dict:
+    """The root attributes of an open store (kind, classes, channels, modality, defaults)."""
+    return with_kind(root.attrs["hpc_seg"])
+
+
 def store_info(path) -> dict:
-    """The root attributes of a store (kind, classes, channels, modality, defaults)."""
-    return dict(open_store(path).attrs["hpc_seg"])
+    """The root attributes of the store at ``path`` (:func:`root_info`)."""
+    return root_info(open_store(path))
 
 
 def _group_json(attrs: dict) -> dict:
@@ -111,7 +132,7 @@ def has_meta(store_path, key: str) -> bool:
     return loc.is_file(loc.join(store_path, "meta", *key.split("/"), "zarr.json"))
 
 
-def create_or_open_store(path, dataset: str, info: dict | None = None,
+def create_or_open_store(path, kind: str, info: dict | None = None,
                          layout: str = FORMAT) -> zarr.Group:
     """Open our store for appending, or create it with root attributes ``info`` (kind facts);
     refuse to touch anything else at ``path`` (an empty directory or prefix is fine to fill)."""
@@ -119,7 +140,7 @@ def create_or_open_store(path, dataset: str, info: dict | None = None,
     what = loc.state(path)
     if what == "store":
         root = open_store(path, mode="r+")
-        _check_joining(path, root, dataset, info)
+        _check_joining(path, root, kind, info)
         return root
     if what == "other":
         raise StoreError(f"{path}: exists and is not an hpc-seg Zarr store; refusing to overwrite it")
@@ -127,32 +148,32 @@ def create_or_open_store(path, dataset: str, info: dict | None = None,
     root.require_group("cases")
     if layout not in READABLE:
         raise StoreError(f"{path}: unknown store layout {layout} (one of {', '.join(READABLE)})")
-    root.attrs["hpc_seg"] = {"format": layout, "dataset": dataset, **(info or {})}
+    root.attrs["hpc_seg"] = {"format": layout, **kind_record(kind), **(info or {})}
     return root
 
 
-def _check_joining(path: str, root: zarr.Group, dataset: str, info: dict | None) -> None:
+def _check_joining(path: str, root: zarr.Group, kind: str, info: dict | None) -> None:
     """A source may join a store of its own kind with the same classes, or of another kind of the
     same task whose classes are a subset of the store's (its cases then annotate only those:
     ``hpc_seg.preprocessing.labels``). Anything else is refused, naming both."""
-    have = dict(root.attrs["hpc_seg"])
+    have = root_info(root)
     if not info:
-        if have.get("dataset") != dataset:
-            raise StoreError(f"{path}: store holds dataset '{have.get('dataset')}', refusing to add '{dataset}'")
+        if have.get("kind") != kind:
+            raise StoreError(f"{path}: store holds kind '{have.get('kind')}', refusing to add kind '{kind}'")
         return
     mine, theirs = list(have.get("classes", [])), list(info.get("classes", []))
-    if have.get("dataset") == dataset:
+    if have.get("kind") == kind:
         if mine != theirs:
             raise StoreError(f"{path}: store has classes {mine}, the source has {theirs}; convert into a new store")
         return
     same_data = (have.get("modality"), have.get("channels")) == (info.get("modality"), info.get("channels"))
     if not same_data or not theirs or theirs[0] != mine[0] or not set(theirs) <= set(mine):
-        raise StoreError(f"{path}: store holds '{have.get('dataset')}' ({have.get('modality')}, classes {mine}); "
-                         f"a '{dataset}' source ({info.get('modality')}, classes {theirs}) may join it only with the "
-                         "same modality and classes that are a subset of the store's; convert into a new store")
-    kinds = list(have.get("kinds") or [have["dataset"]])
-    if dataset not in kinds:
-        root.attrs["hpc_seg"] = {**have, "kinds": kinds + [dataset]}
+        raise StoreError(f"{path}: store holds kind '{have.get('kind')}' ({have.get('modality')}, classes {mine}); "
+                         f"a kind '{kind}' source ({info.get('modality')}, classes {theirs}) may join it only with "
+                         "the same modality and classes that are a subset of the store's; convert into a new store")
+    kinds = list(have.get("kinds") or [have["kind"]])
+    if kind not in kinds:
+        root.attrs["hpc_seg"] = {**have, "kinds": kinds + [kind]}
 
 
 def case_complete(store_path, case_id: str) -> bool:
@@ -198,12 +219,13 @@ def write_case(store_path, case_id: str, image: np.ndarray, label: np.ndarray,
     g.attrs["hpc_seg"] = {**meta, "complete": True}  # completion marker: written last
 
 
-def open_case_arrays(store_path, case_id: str) -> tuple[zarr.Array, zarr.Array]:
+def open_case_arrays(store_path, case_id: str, opened=None) -> tuple[zarr.Array, zarr.Array]:
     """A case's image and label arrays opened directly (two metadata reads, not the group chain:
-    on an object store every node opened is a request)."""
-    store = loc.zarr_store(store_path)
+    on an object store every node opened is a request). ``opened``: the store's zarr store made in
+    this process (``location.zarr_store``), reused instead of a new one."""
+    opened = loc.zarr_store(store_path) if opened is None else opened
     try:
-        return tuple(zarr.open_array(store, path=f"cases/{case_id}/{name}", mode="r", zarr_format=3)
+        return tuple(zarr.open_array(opened, path=f"cases/{case_id}/{name}", mode="r", zarr_format=3)
                      for name in ("image", "label"))
     except FileNotFoundError:
         raise StoreError(f"{loc.normalize(store_path)}: case {case_id} has no image/label arrays; the store is "

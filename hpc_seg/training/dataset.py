@@ -1,17 +1,26 @@
 """Streaming datasets over the hpc-seg Zarr store, and the rank/worker-sharded sampler.
 
-* ``ZarrSliceDataset`` yields 2D slices (``mode: 2d``), 2.5D stacks of ``slices`` adjacent
-  slices as channels (``2.5d``; the label is the centre slice) or 3D patches of ``patch_depth``
-  slices (``3d``). Every slice of every case is one item (3D: non-overlapping z-windows).
+* ``ZarrSliceDataset`` yields 2D slices (``mode: 2d``) or 2.5D stacks of ``slices`` adjacent
+  slices as channels (``2.5d``; the label is the centre slice): every slice of every case is one
+  item. ``ZarrPatchDataset`` yields 3D patches of ``patch_depth`` slices (``3d``): one item per
+  non-overlapping z-window. Both cut samples by ``hpc_seg.preprocessing.slices``, the rule
+  whole-volume inference uses (past either end of a case the edge slice repeats); they share
+  :class:`ZarrCaseDataset` (cases, items, oversampling, the sample pipeline). :func:`make_dataset`
+  picks one by ``cfg.mode``.
 * Items are addressed as ``(index, epoch)``; all randomness (foreground oversampling,
   augmentation) is drawn from ``Generator([seed, epoch, index])``, so a sample is identical
   whichever DataLoader worker or rank produces it, and a resumed run sees the same samples.
+* Oversampling prefers slices of the class named by ``data.oversample_class`` among the store's
+  classes, and any foreground slice for a case without it or a name the store lacks (Kvasir has no
+  ``tumour``: its polyp slices are preferred).
 * Each item carries its case's ``label_map`` (``hpc_seg.preprocessing.labels``): identity for a case that
   annotates every class, else which class each model class counts as (partially labelled data).
-* Zarr arrays are opened lazily per process (after fork/spawn), never shared across workers; a
-  dataset pickled for a spawned worker leaves them behind. For an object store (``s3://``) every
-  process makes its own filesystem session (``hpc_seg.storage.location``) and the DataLoader starts
-  its workers with ``forkserver``, so no worker inherits the main process's HTTP session or event loop.
+* The store is one :class:`~hpc_seg.ingest.catalog.Store` (index and plan read once). Zarr arrays
+  are opened lazily per process (after fork/spawn), never shared across workers; a dataset pickled
+  for a spawned worker leaves them, and the Store's root, behind. For an object store (``s3://``)
+  every process makes its own filesystem session (``hpc_seg.storage.location``) and the DataLoader
+  starts its workers with ``forkserver``, so no worker inherits the main process's HTTP session or
+  event loop.
 * ``ShardedSampler`` permutes items by (seed, epoch) and gives rank r the items ``perm[r::world]``;
   DataLoader workers split a rank's stream batch by batch, so each sample is read once per epoch
   per world (``even=True`` wraps at most world-1 items so that all ranks take equal steps).
@@ -20,6 +29,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,50 +37,102 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hpc_seg.config.schema import DataConfig
-from hpc_seg.storage import store as zstore
-from hpc_seg.ingest.index import from_runs, read_index
-from hpc_seg.preprocessing.labels import case_label_map
-from hpc_seg.storage.location import is_remote
-from hpc_seg.preprocessing.plan import PreprocessingPlan, model_input, read_plan
+from hpc_seg.errors import StoreError
+from hpc_seg.ingest.catalog import Store
+from hpc_seg.ingest.index import from_runs
 from hpc_seg.preprocessing.augment import augment, resize_label
+from hpc_seg.preprocessing.labels import case_label_map
+from hpc_seg.preprocessing.plan import PreprocessingPlan, model_input
+from hpc_seg.preprocessing.slices import edge_indices, window
+from hpc_seg.storage.chunks import ChunkReader
 
 
-class ZarrSliceDataset(Dataset):
-    """Args:
-        store: path of an hpc-seg Zarr store.
+_WARNED_INDICES: set = set()
+
+
+def oversample_target(wanted: str | int, classes: list[str]) -> int | None:
+    """The index (among the store's ``classes``, which the index's per-slice statistics use) of the
+    class whose slices oversampling prefers; None, i.e. any foreground slice, for a name the store
+    lacks. An int is read as that index for one version, with a FutureWarning naming the name to
+    write instead."""
+    if not isinstance(wanted, (int, np.integer)) or isinstance(wanted, bool):
+        return classes.index(wanted) if wanted in classes else None
+    name = classes[wanted] if 0 <= wanted < len(classes) else None
+    instead = (f"data.oversample_class: {name}" if name is not None else
+               f"one of {classes[1:]} (index {wanted} is no class of this store: any foreground slice is preferred)")
+    if wanted not in _WARNED_INDICES:  # once per process: every dataset (validation too) resolves it
+        _WARNED_INDICES.add(wanted)
+        warnings.warn(f"data.oversample_class: {wanted} is a class index, read as one for this version only; "
+                      f"write the class name instead: {instead}", FutureWarning, stacklevel=3)
+    return int(wanted)
+
+
+def _fg_slices(stats: dict, target: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(slices containing the target class, slices containing any foreground) of one case."""
+    by_class = stats["slices_with_class"]
+    preferred = from_runs(by_class.get(str(target), [])) if target is not None else from_runs([])
+    any_fg = np.unique(np.concatenate([from_runs(v) for v in by_class.values()] or [np.zeros(0, np.int64)]))
+    return preferred, any_fg
+
+
+def _read_window(image, lo: int, hi: int, depth: int) -> tuple[np.ndarray, int]:
+    """Slices lo..hi-1 of a (C, Z, H, W) case as (C, hi-lo, H, W), reading only the slices inside
+    it (one box read); outside, the edge slice repeats. Also returns the first slice read."""
+    a, b = max(lo, 0), min(hi, depth)
+    img = image[:, a:b]
+    if (a, b) != (lo, hi):
+        img = img[:, edge_indices(lo, hi, depth) - a]
+    return img, a
+
+
+class ZarrCaseDataset(Dataset):
+    """What the slice and the patch dataset share. Args:
+        store: an hpc-seg store: a path or an open :class:`~hpc_seg.ingest.catalog.Store`.
         case_ids: cases to draw from (one split).
         cfg: the ``data`` section of the config (sampling: mode, oversampling, augmentation).
         train: enable oversampling and augmentation.
         seed: base seed of all sample randomness.
         plan: the resolved preprocessing plan (default: the store's plan of ``cfg.split_seed``,
             resolved with ``cfg``).
+    Subclasses say which ``modes`` they cut, the z-step between items and how a sample is read.
     """
 
-    def __init__(self, store: str | Path, case_ids: list[str], cfg: DataConfig, train: bool,
+    modes: tuple[str, ...] = ()
+
+    def __init__(self, store: Store | str | Path, case_ids: list[str], cfg: DataConfig, train: bool,
                  seed: int = 0, plan: PreprocessingPlan | None = None):
-        self.store, self.cfg, self.train, self.seed = str(store), cfg, train, seed
-        self.plan = plan if plan is not None else read_plan(store, cfg.split_seed).resolve(cfg)
-        index = read_index(store)
+        if cfg.mode not in self.modes:
+            raise ValueError(f"{type(self).__name__} cuts {'/'.join(self.modes)} samples, not data.mode "
+                             f"'{cfg.mode}'; make_dataset picks the dataset of a mode")
+        self.store, self.cfg, self.train, self.seed = Store.of(store), cfg, train, seed
+        self.plan = plan if plan is not None else self.store.plan(cfg.split_seed).resolve(cfg)
+        index = self.store.index
         missing = [c for c in case_ids if c not in index["cases"]]
         if missing:
-            raise zstore.StoreError(f"{store}: cases {missing[:5]} not in the store index")
+            raise StoreError(f"{self.store}: cases {missing[:5]} not in the store index")
         self.case_ids = list(case_ids)
         stats = [index["cases"][c]["stats"] for c in self.case_ids]
         self.depths = [s["shape"][0] for s in stats]
-        self.fg_slices = [self._fg_slices(s) for s in stats]
+        target = oversample_target(cfg.oversample_class, list(index["classes"]))
+        self.fg_slices = [_fg_slices(s, target) for s in stats]
         self.label_maps = torch.tensor([case_label_map(self.plan, index, c, index["classes"]) for c in self.case_ids],
                                        dtype=torch.int64).reshape(len(self.case_ids), -1)
-        step = cfg.patch_depth if cfg.mode == "3d" else 1
+        step = self.step()
         self.items = np.array([(ci, z) for ci, d in enumerate(self.depths) for z in range(0, d, step)],
                               dtype=np.int64).reshape(-1, 2)
         self._arrays: dict[int, tuple] = {}
         self._pid = None
 
-    def _fg_slices(self, stats: dict) -> tuple[np.ndarray, np.ndarray]:
-        by_class = stats["slices_with_class"]
-        target = from_runs(by_class.get(str(self.cfg.oversample_class), []))
-        any_fg = np.unique(np.concatenate([from_runs(v) for v in by_class.values()] or [np.zeros(0, np.int64)]))
-        return target, any_fg
+    def step(self) -> int:
+        """Slices between the first slices of consecutive items of a case."""
+        return 1
+
+    def start(self, ci: int, z: int) -> int:
+        """The item's first-slice coordinate for a sample drawn at foreground slice ``z``."""
+        return z
+
+    def read(self, ci: int, z: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.items)
@@ -79,12 +141,12 @@ class ZarrSliceDataset(Dataset):
         if self._pid != os.getpid():  # opened lazily, once per process (fork/spawn safe)
             self._arrays, self._pid = {}, os.getpid()
         if ci not in self._arrays:
-            image, label = zstore.open_case_arrays(self.store, self.case_ids[ci])
+            image, label = self.store.case(self.case_ids[ci])
             cache = self.cfg.cache
-            self._arrays[ci] = (zstore.ChunkReader(image, cache), zstore.ChunkReader(label, cache))
+            self._arrays[ci] = (ChunkReader(image, cache), ChunkReader(label, cache))
         return self._arrays[ci]
 
-    def __getstate__(self) -> dict:  # a spawned worker opens its own arrays
+    def __getstate__(self) -> dict:  # a spawned worker opens its own arrays (the Store pickles its path only)
         return {**self.__dict__, "_arrays": {}, "_pid": None}
 
     def _pick(self, index: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -93,30 +155,8 @@ class ZarrSliceDataset(Dataset):
             target, any_fg = self.fg_slices[ci]
             pool = target if len(target) else any_fg
             if len(pool):
-                z = int(pool[rng.integers(len(pool))])
-                if self.cfg.mode == "3d":  # centre the patch on the foreground slice
-                    z = max(0, min(z - self.cfg.patch_depth // 2, self.depths[ci] - self.cfg.patch_depth))
+                z = self.start(ci, int(pool[rng.integers(len(pool))]))
         return ci, z
-
-    def read(self, ci: int, z: int) -> tuple[np.ndarray, np.ndarray]:
-        """Raw (C*k, H, W) image and (H, W) label for 2D/2.5D; (C, D, H, W)/(D, H, W) for 3D."""
-        image, label = self._case(ci)
-        depth = self.depths[ci]
-        if self.cfg.mode == "3d":
-            lo, hi = z, z + self.cfg.patch_depth
-        else:
-            half = (self.cfg.slices // 2) if self.cfg.mode == "2.5d" else 0
-            lo, hi = z - half, z + half + 1
-        a, b = max(lo, 0), min(hi, depth)
-        lab_sel = slice(a, b) if self.cfg.mode == "3d" else z
-        img, lab = image[:, a:b], label[lab_sel]
-        idx = np.clip(np.arange(lo, hi), 0, depth - 1) - a  # replicate edge slices
-        if a != lo or b != hi:
-            img = img[:, idx]
-        if self.cfg.mode == "3d":  # past the last slice: edge image, background label
-            inside = (np.arange(lo, hi) < depth)[:, None, None]
-            return img, np.where(inside, lab[np.minimum(idx, b - a - 1)], 0).astype(np.uint8)
-        return img.reshape(-1, *img.shape[2:]), lab
 
     def __getitem__(self, key) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
@@ -128,6 +168,48 @@ class ZarrSliceDataset(Dataset):
         if self.train and self.cfg.augment.enabled:
             image, label = augment(image, label, rng, self.cfg.augment)
         return {"image": image.float(), "label": label, "case": ci, "z": z, "label_map": self.label_maps[ci]}
+
+
+class ZarrSliceDataset(ZarrCaseDataset):
+    """2D slices and 2.5D stacks (``slices`` adjacent slices centred on the item's slice)."""
+
+    modes = ("2d", "2.5d")
+
+    def read(self, ci: int, z: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (C*k, H, W) image (channel-major) and (H, W) label of the sample at slice ``z``."""
+        image, label = self._case(ci)
+        img, _ = _read_window(image, *window(z, self.cfg.mode, slices=self.cfg.slices), self.depths[ci])
+        return img.reshape(-1, *img.shape[2:]), label[z]
+
+
+class ZarrPatchDataset(ZarrCaseDataset):
+    """3D patches of ``patch_depth`` slices; an oversampled patch is centred on its foreground slice."""
+
+    modes = ("3d",)
+
+    def step(self) -> int:
+        return self.cfg.patch_depth
+
+    def start(self, ci: int, z: int) -> int:
+        return max(0, min(z - self.cfg.patch_depth // 2, self.depths[ci] - self.cfg.patch_depth))
+
+    def read(self, ci: int, z: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (C, D, H, W) image and (D, H, W) label of the patch from slice ``z``; past the last
+        slice the image repeats the edge slice and the label is background."""
+        image, label = self._case(ci)
+        depth = self.depths[ci]
+        lo, hi = window(z, "3d", patch_depth=self.cfg.patch_depth)
+        img, a = _read_window(image, lo, hi, depth)
+        lab = label[a:min(hi, depth)][edge_indices(lo, hi, depth) - a]
+        inside = (np.arange(lo, hi) < depth)[:, None, None]
+        return img, np.where(inside, lab, 0).astype(np.uint8)
+
+
+def make_dataset(store: Store | str | Path, case_ids: list[str], cfg: DataConfig, train: bool, seed: int = 0,
+                 plan: PreprocessingPlan | None = None) -> ZarrCaseDataset:
+    """The dataset of ``cfg.mode``: :class:`ZarrPatchDataset` for ``3d``, else :class:`ZarrSliceDataset`."""
+    cls = ZarrPatchDataset if cfg.mode == "3d" else ZarrSliceDataset
+    return cls(store, case_ids, cfg, train=train, seed=seed, plan=plan)
 
 
 class ShardedSampler(Sampler):
@@ -167,12 +249,13 @@ class ShardedSampler(Sampler):
 
 def build_loader(cfg: DataConfig, case_ids: list[str], train: bool, rank: int = 0, world: int = 1,
                  seed: int = 0, batch_size: int | None = None, num_workers: int | None = None,
-                 plan: PreprocessingPlan | None = None):
-    """DataLoader over ``case_ids`` with the sharded sampler; returns (loader, sampler)."""
-    ds = ZarrSliceDataset(cfg.store, case_ids, cfg, train=train, seed=seed, plan=plan)
+                 plan: PreprocessingPlan | None = None, store: Store | None = None):
+    """DataLoader over ``case_ids`` with the sharded sampler (the dataset of ``cfg.mode``); returns
+    (loader, sampler). ``store``: ``cfg.store`` already open (default: opened here)."""
+    ds = make_dataset(store if store is not None else cfg.store, case_ids, cfg, train=train, seed=seed, plan=plan)
     sampler = ShardedSampler(len(ds), rank, world, shuffle=train, seed=seed, even=train)
     workers = cfg.num_workers if num_workers is None else num_workers
-    context = "forkserver" if workers and is_remote(cfg.store) else None
+    context = "forkserver" if workers and ds.store.remote else None
     loader = DataLoader(ds, batch_size=batch_size or cfg.batch_size, sampler=sampler,
                         num_workers=workers, drop_last=train, pin_memory=torch.cuda.is_available(),
                         persistent_workers=workers > 0, collate_fn=_collate, multiprocessing_context=context)

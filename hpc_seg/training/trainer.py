@@ -76,6 +76,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
+        hdist.select_accelerator()
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -117,17 +118,17 @@ class Trainer:
     def _setup_data(self) -> None:
         """The prepared store's split and preprocessing plan (data preparation is not the
         engine's: ``hpc-seg prepare``, or ``hpc-seg train`` before distributed start-up)."""
+        from hpc_seg.ingest.catalog import Store
         from hpc_seg.training.dataset import build_loader
-        from hpc_seg.preprocessing.plan import read_plan
-        from hpc_seg.ingest.split import read_split
 
         d = self.cfg.data
-        self.split = read_split(d.store, d.split_seed)
-        self.plan = read_plan(d.store, d.split_seed).resolve(d, self.cfg.loss.kind)
+        self.store = Store.open(d.store)  # opened once: split, plan and both loaders read it
+        self.split = self.store.split(d.split_seed)
+        self.plan = self.store.plan(d.split_seed).resolve(d, self.cfg.loss.kind)
         self.class_names = list(self.plan.classes)
         self.loader, self.sampler = build_loader(d, self.split["train"], train=True, rank=self.env.rank,
                                                  world=self.env.world_size, seed=self.cfg.train.seed,
-                                                 plan=self.plan)
+                                                 plan=self.plan, store=self.store)
         if len(self.loader) == 0:
             raise HpcSegError(f"{d.store}: training split gives no full batch of {d.batch_size} on "
                               f"{self.env.world_size} rank(s)")
@@ -138,7 +139,7 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             atomic_write_json(self.run_dir / "ds_config.json", self.ds_config)
             atomic_write_text(self.run_dir / PLAN_FILE, self.plan.to_json())
-        hdist.barrier()
+        coll.barrier()
         ranks = self.run_dir / "ranks"  # for operators (and tests) who must find or signal a rank
         ranks.mkdir(exist_ok=True)
         atomic_write_json(ranks / f"rank{self.env.rank}.json", {
@@ -214,7 +215,7 @@ class Trainer:
         def forward(x):
             return self.engine(self._to_input(x)).float().cpu()
 
-        res = validate(forward, self.cfg.data, self.plan, cases, self.env.rank, self.env.world_size,
+        res = validate(forward, self.store, self.cfg.data, self.plan, cases, self.env.rank, self.env.world_size,
                        self.cfg.data.batch_size)
         self.engine.train()
         summary = {"type": "val", "step": self.step, "epoch": self.epoch, "mean_iou": res["mean_iou"],
@@ -258,7 +259,7 @@ class Trainer:
         universal = root / "universal"
         if self.env.is_main:
             to_universal(root / tag, universal / tag)
-        hdist.barrier()
+        coll.barrier()
         self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         return universal, tag, saved_world
 
@@ -266,9 +267,10 @@ class Trainer:
         """Refuse configs that change shapes or optimizer state; warn where the course changes."""
         from hpc_seg.training.resume_check import compare
 
-        if saved is None:  # checkpoints written before configs were recorded in the manifest
-            return
-        refused, warned, other = compare(saved, to_dict(self.cfg))
+        if saved is None:
+            raise HpcSegError(f"{where}: the checkpoint records no config, so this run cannot be checked for a "
+                              f"compatible resume; start a new run directory")
+        refused, warned, other = compare(_as_current(saved), to_dict(self.cfg))
         if refused:
             raise HpcSegError(f"{where}: cannot resume with this config; these keys change tensor shapes or the "
                               f"optimizer state: " + "; ".join(refused) + ". Restore them or start a new run directory")
@@ -329,7 +331,7 @@ class Trainer:
             speed.new_window()  # validation and checkpoint pauses are not training throughput
         if not (logged or paused or self.step % STOP_CHECK_EVERY == 0):
             return None
-        if hdist.all_max(1.0 if self._signal is not None else 0.0) > 0:
+        if coll.all_max(1.0 if self._signal is not None else 0.0) > 0:
             if not saved:
                 self.save()
             self.log.write({"type": "stop", "step": self.step, "reason": "signal"})
@@ -423,3 +425,10 @@ class Trainer:
 
     def close(self) -> None:
         coll.destroy()
+
+
+def _as_current(saved: dict) -> dict:
+    """A checkpoint's recorded config in today's key names (a renamed key is no change of config)."""
+    from hpc_seg.config.loader import rename_former_keys
+
+    return rename_former_keys(Config, saved, warn=False)

@@ -14,12 +14,12 @@ def write(tmp_path, name, text):
 def test_defaults_and_shipped_configs_load():
     cfg = load_config()
     assert cfg.loss.dice_weight == 0.3 and cfg.loss.ce_weight == 0.7
-    from hpc_seg.jobs.grid import expand, is_grid, load_grid
+    from hpc_seg.jobs.grid import expand_grid, is_grid, load_grid
 
     for path in CONFIG_DIR.rglob("*.yaml"):
         if is_grid(path):
             name, base, axes = load_grid(path)
-            for _, overrides in expand(axes):
+            for _, overrides in expand_grid(axes):
                 load_config(base, overrides)
         else:
             load_config(path)
@@ -101,3 +101,60 @@ def test_yaml11_scientific_floats_accepted(tmp_path):
     assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 0.05
     with pytest.raises(ConfigError, match="train.lr"):
         load_config(None, ["train.lr=fast"])
+
+
+def test_renamed_key_is_read_with_a_warning_naming_the_new_one(tmp_path):
+    import warnings as w
+
+    path = tmp_path / "old.yaml"
+    path.write_text("data:\n  dataset: lits\n  extra_sources:\n    - {dataset: totalseg, path: /x}\n")
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        cfg = load_config(path)
+    assert cfg.data.kind == "lits" and cfg.data.extra_sources[0].kind == "totalseg"
+    messages = [str(c.message) for c in caught if issubclass(c.category, FutureWarning)]
+    assert any("'data.dataset' is now 'data.kind'" in m for m in messages), messages
+    assert any("'data.extra_sources[0].dataset' is now 'data.extra_sources[0].kind'" in m for m in messages)
+
+
+def test_old_and_new_name_in_one_file_is_an_error(tmp_path):
+    both = tmp_path / "both.yaml"
+    both.write_text("data:\n  dataset: lits\n  kind: msd\n")
+    with pytest.raises(ConfigError, match="both 'data.dataset' and 'data.kind'"):
+        load_config(both)
+
+
+def test_no_warning_for_the_current_name():
+    import warnings as w
+
+    with w.catch_warnings():
+        w.simplefilter("error")
+        assert load_config(None, ["data.kind=lits"]).data.kind == "lits"
+
+
+def test_former_name_over_a_shipped_base_is_a_rename_not_a_clash(tmp_path):
+    """A user's file written with the former name, on top of a shipped config that uses the new one,
+    and the same through --set and a grid-style override."""
+    import warnings as w
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: unet_aspp.yaml\ndata:\n  dataset: msd\n")
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        assert load_config(mine).data.kind == "msd"
+        assert load_config("unet_aspp.yaml", ["data.dataset=kvasir"]).data.kind == "kvasir"
+    assert sum("is now 'data.kind'" in str(c.message) for c in caught) == 2
+
+
+def test_configs_hpc_seg_wrote_are_read_quietly():
+    import warnings as w
+
+    from hpc_seg.config import Config, to_dict
+    from hpc_seg.config.loader import from_dict, rename_former_keys
+
+    saved = to_dict(load_config(None, []))
+    saved["data"]["dataset"] = saved["data"].pop("kind")  # as an older version wrote it
+    with w.catch_warnings():
+        w.simplefilter("error")
+        cfg = from_dict(Config, rename_former_keys(Config, saved, warn=False))
+    assert cfg.data.kind == saved["data"]["dataset"]

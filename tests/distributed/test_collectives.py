@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from hpc_seg.distributed import collectives as coll
 
 ROOT = Path(__file__).resolve().parents[2]
-ALLOWED = ROOT / "hpc_seg" / "utils" / "collectives.py"
+ALLOWED = ROOT / "hpc_seg" / "distributed" / "collectives.py"
 COLLECTIVES = {"all_reduce", "broadcast", "barrier", "monitored_barrier", "all_gather", "all_gather_object",
                "all_gather_into_tensor", "all_gather_base", "_all_gather_base", "all_gather_coalesced",
                "all_reduce_coalesced", "inference_all_reduce", "broadcast_object_list", "reduce",
@@ -135,7 +135,7 @@ HARMLESS = {
     "the_wrappers": "from hpc_seg.distributed import collectives as coll\ncoll.all_reduce(t)\ncoll.barrier()",
     "wrapper_imported_by_name": "from hpc_seg.distributed.collectives import all_reduce, barrier\nall_reduce(t)\nbarrier()",
     "other_module_named_like_a_collective": "import numpy as np\nnp.broadcast(a, b)\nx.all_reduce(t)",
-    "a_local_package_called_distributed": "from hpc_seg.distributed import env as hdist\nhdist.all_max(1.0)",
+    "a_local_package_called_distributed": "from hpc_seg.distributed import env as hdist\nhdist.detect_env()",
 }
 
 

@@ -78,24 +78,24 @@ def test_pr_histogram_matches_numpy_histogram():
 
 
 def test_metrics_take_precomputed_pr_counts_like_probabilities():
-    """``update(pr_counts=…)`` with counts made where the probabilities are gives what
-    ``update(probs=…)`` gives; a case not annotating the PR class contributes none either way."""
+    """``add_labels(pr_counts=…)`` with counts made where the probabilities are gives what
+    ``add_probs`` gives; a case not annotating the PR class contributes none either way."""
     g = torch.Generator().manual_seed(0)
     probs = torch.rand(2, 3, 9, 11, generator=g).softmax(1)
     target = torch.randint(0, 3, (2, 9, 11), generator=g)
     for lmap in ([0, 1, 2], [0, 1, 1]):
         maps = torch.tensor([lmap, lmap])
         a, b = SegmentationMetrics(3, NAMES), SegmentationMetrics(3, NAMES)
-        a.update(None, target, case_ids=["x", "y"], probs=probs, label_maps=maps)
+        a.add_probs(probs, target, case_ids=["x", "y"], label_maps=maps)
         src = b.pr_sources(lmap)
         counts = None if src is None else pr_histogram(score_bins(probs[:, src].sum(1), b.pr_bins), target == 2,
                                                        b.pr_bins)
-        b.update(None, target, case_ids=["x", "y"], pred=probs.argmax(1), label_maps=maps, pr_counts=counts)
+        b.add_labels(probs.argmax(1), target, case_ids=["x", "y"], label_maps=maps, pr_counts=counts)
         assert torch.equal(a.pr_hist, b.pr_hist) and torch.equal(a.confusion, b.confusion)
         assert a.compute() == b.compute()
     assert SegmentationMetrics(3, NAMES).pr_sources([0, 1, 1]) is None
     with pytest.raises(ValueError, match="pr_counts"):
-        SegmentationMetrics(3, NAMES).update(None, target, probs=probs, pr_counts=torch.zeros(2, 1000))
+        SegmentationMetrics(3, NAMES, pr_class=None).add_labels(target, target, pr_counts=torch.zeros(2, 1000))
 
 
 def tiny_model_file(store: Path, path: Path) -> Path:
@@ -107,7 +107,7 @@ def tiny_model_file(store: Path, path: Path) -> Path:
     from hpc_seg.config import load_config, to_dict
     from hpc_seg.storage import store as zstore
     from hpc_seg.preprocessing.plan import model_input, read_plan
-    from hpc_seg.evaluation.inference import _stack
+    from hpc_seg.preprocessing.slices import stack
     from hpc_seg.models import build_from_config
 
     cfg = load_config(None, [f"data.store={store}", "data.size=[64,64]", "data.mode=2.5d"])
@@ -120,7 +120,7 @@ def tiny_model_file(store: Path, path: Path) -> Path:
     with torch.no_grad():
         last.weight *= 30
         last.bias *= 30
-        logits = model(model_input(plan, np.stack([_stack(img, z, 3) for z in range(img.shape[1])])))
+        logits = model(model_input(plan, np.stack([stack(img, z, 3) for z in range(img.shape[1])])))
         last.bias -= logits.transpose(0, 1).reshape(3, -1).median(1).values
     meta = {"config": yaml.safe_dump(to_dict(cfg), sort_keys=False), "plan": plan.to_json()}
     path.write_bytes(save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata=meta))
@@ -138,7 +138,7 @@ def reference(model, plan, store, cases, tta: bool, post: bool) -> tuple[np.ndar
         g = root["cases"][cid]
         probs = predict_probs(model, plan, g["image"][...], tta=tta)
         pred = probs.argmax(0).astype(np.uint8)
-        pred = postprocess(pred) if post else pred
+        pred = postprocess(pred, NAMES) if post else pred
         label = g["label"][...].astype(np.int64)  # the phantom store's classes are the model's
         confusion += np.bincount((label * 3 + pred).ravel(), minlength=9).reshape(3, 3)
         tumour = label == 2

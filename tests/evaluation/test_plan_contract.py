@@ -69,12 +69,17 @@ def test_models_without_plan_are_refused(zscore_run, phantom_store, tmp_path, ca
     assert main(["evaluate", str(old), "--data", str(phantom_store), "--out", str(tmp_path / "e"), "--cpu",
                  "--tag", "latest"]) == 2
     err = capsys.readouterr().err
-    assert "no plan.json" in err and "--plan-from-store" in err
+    assert err.count("\n") == 1 and "no plan.json" in err and "retrain" in err and "plan-from-store" not in err
     assert main(["export", str(old), "--out", str(tmp_path / "x.safetensors"), "--tag", "latest"]) == 2
-    capsys.readouterr()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no plan.json" in err and "retrain" in err
+    assert not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(SystemExit) as gone:  # the 0.1 compatibility option is gone: a usage error
+        main(["export", str(old), "--out", str(tmp_path / "x.safetensors"), "--plan-from-store", str(phantom_store)])
+    assert gone.value.code == 2 and "--plan-from-store" in capsys.readouterr().err
     fixed = tmp_path / "fixed.safetensors"
-    assert main(["export", str(old), "--out", str(fixed), "--tag", "latest", "--plan-from-store",
-                 str(phantom_store)]) == 0
+    assert main(["export", str(zscore_run), "--out", str(fixed), "--tag", "latest"]) == 0
+    capsys.readouterr()  # the export's own progress output
     # an export without an embedded plan (as made before plans existed)
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -86,7 +91,7 @@ def test_models_without_plan_are_refused(zscore_run, phantom_store, tmp_path, ca
     save_file(load_file(str(fixed)), str(bare), metadata=meta)
     assert main(["evaluate", str(bare), "--data", str(phantom_store), "--out", str(tmp_path / "e"), "--cpu"]) == 2
     err = capsys.readouterr().err
-    assert "no embedded preprocessing plan" in err and "re-export" in err
+    assert err.count("\n") == 1 and "no embedded preprocessing plan" in err and "re-export" in err
     meta["plan"] = json.dumps({**json.loads(load_meta(fixed)["plan"]), "version": 0})
     save_file(load_file(str(fixed)), str(bare), metadata=meta)
     assert main(["evaluate", str(bare), "--data", str(phantom_store), "--out", str(tmp_path / "e"), "--cpu"]) == 2
@@ -104,7 +109,7 @@ def test_one_logit_binary_model_writes_png_masks(synthetic_rgb, tmp_path):
     store = tmp_path / "rgb.zarr"
     prepare("kvasir", synthetic_rgb, store, show_progress=False)
     run = tmp_path / "run"
-    r = run_train(run, store, ["data.dataset=kvasir", "data.mode=2d", "loss.kind=bce_dice", "train.max_steps=4",
+    r = run_train(run, store, ["data.kind=kvasir", "data.mode=2d", "loss.kind=bce_dice", "train.max_steps=4",
                                "train.val_every_steps=0", "checkpoint.every_steps=0", "deepspeed.zero_stage=0"],
                   nproc=1)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

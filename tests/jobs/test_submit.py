@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from hpc_seg.jobs.grid import expand, load_grid
-from hpc_seg.jobs.submit import load_launch_config, sbatch_script, validate_request
+from hpc_seg.jobs.grid import expand_grid, load_grid
+from hpc_seg.jobs.submit import load_launch_config, sbatch_script, check_request
 from tests.jobs.conftest import ROOT, SITE, records, submit, tiny_sets, wait_for
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -36,7 +36,7 @@ def test_dry_run_and_grid_points(tmp_path, phantom_store):
     assert "4 points" in r.stdout and "name=unetpp-lr=0.003" in r.stdout
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
     name, base, axes = load_grid("grids/transunet.yaml")
-    assert [p for p, _ in expand(axes)][-1] == "depth=12-attention=True"
+    assert [p for p, _ in expand_grid(axes)][-1] == "depth=12-attention=True"
 
 
 def test_bad_requests_refused_before_submit(tmp_path, phantom_store, slurm_cluster):
@@ -46,14 +46,14 @@ def test_bad_requests_refused_before_submit(tmp_path, phantom_store, slurm_clust
     r = submit("--config", "tiny_cpu.yaml", "--run-root", str(tmp_path), "--set", "slurm.gpus_per_node=2",
                "--set", "slurm.tasks_per_node=1")
     assert r.returncode == 2 and "one task per GPU" in r.stderr
-    r = submit("--config", "tiny_cpu.yaml", "--run-root", str(tmp_path), "--set", "data.dataset=lits",
+    r = submit("--config", "tiny_cpu.yaml", "--run-root", str(tmp_path), "--set", "data.kind=lits",
                "--set", f"data.store={tmp_path / 'missing.zarr'}", "--set", "data.source=/nonexistent")
     assert r.returncode == 2 and "refusing to submit" in r.stderr and "/nonexistent" in r.stderr
     assert not any(tmp_path.iterdir())
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
     cfg = load_launch_config("tiny_cpu_2node.yaml", [f"data.store={phantom_store}",
                                                      "slurm.node_local_paths=[/tmp]"], SITE)
-    problems = validate_request(cfg, Path("/tmp/run"))
+    problems = check_request(cfg, Path("/tmp/run"))
     assert any("node-local" in p for p in problems)
 
 

@@ -52,14 +52,15 @@ def test_plan_command_prints_the_planners_figures(tmp_path, capsys):
     ZeRO-3 and ZeRO-1 needs, so the recommendation is ZeRO-3 rather than the first row."""
     import re
 
-    from hpc_seg.cli import _model_io, main
+    from hpc_seg.cli import main
+    from hpc_seg.memory_plan.planner import model_channels
     from hpc_seg.memory_plan.planner import (GIB, GPU_SIZES_GB, largest_batch, parse_mem, per_gpu_bytes,
                                         recommend)
 
     sets = ["data.size=[128,128]", f"data.store={tmp_path / 'absent.zarr'}"]  # no store: channels from the kind
     cfg = load_config("transunet_12l.yaml", sets)
     world, prec, batch = 4, cfg.deepspeed.precision, cfg.data.batch_size
-    prof = profile_model(cfg, _model_io(cfg))
+    prof = profile_model(cfg, model_channels(cfg))
     depth = prof.depth
     need = {st: per_gpu_bytes(prof, depth, batch, st, world, prec, False)["total"] for st in (1, 3)}
     gpu_mem = f"{(need[1] + need[3]) / 2 / GIB:.6f}GB"

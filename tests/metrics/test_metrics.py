@@ -27,7 +27,7 @@ def test_against_sklearn_over_many_batches():
     preds, targets = [], []
     for seed in range(5):
         logits, target = random_batch(seed)
-        m.update(logits, target)
+        m.add_probs(logits.softmax(1), target)
         preds.append(logits.argmax(1).flatten())
         targets.append(target.flatten())
     y_pred, y_true = torch.cat(preds).numpy(), torch.cat(targets).numpy()
@@ -49,7 +49,7 @@ def test_absent_class_is_none_not_nan():
     m = SegmentationMetrics(3, NAMES)
     target = torch.zeros(1, 4, 4, dtype=torch.long)
     target[0, :2] = 1
-    m.update(target.clone(), target, case_ids=["c0"])  # perfect, tumour absent everywhere
+    m.add_labels(target.clone(), target, case_ids=["c0"])  # perfect, tumour absent everywhere
     r = m.compute()
     assert r["per_class"]["tumour"]["iou"] is None and r["classes_undefined"] == ["tumour"]
     assert r["mean_iou"] == 1.0 and r["mean_iou_foreground"] == 1.0
@@ -66,8 +66,8 @@ def test_per_case_and_global_dice_lits_style():
     ta[:, 0, :2] = 2
     tb = torch.zeros(1, 4, 4, dtype=torch.long)
     tb[0, 3, :] = 2
-    m.update(ta[:1].clone(), ta[:1], case_ids=["A"])
-    m.update(torch.cat([ta[1:], torch.zeros_like(tb)]), torch.cat([ta[1:], tb]), case_ids=["A", "B"])
+    m.add_labels(ta[:1].clone(), ta[:1], case_ids=["A"])
+    m.add_labels(torch.cat([ta[1:], torch.zeros_like(tb)]), torch.cat([ta[1:], tb]), case_ids=["A", "B"])
     r = m.compute()
     cases = {c["case"]: c["per_class"]["tumour"]["dice"] for c in r["per_case"]}
     assert cases == {"A": 1.0, "B": 0.0}
@@ -85,7 +85,7 @@ def test_pr_curve_matches_sklearn(tmp_path):
         p1 = (k + 0.5) / bins  # probabilities inside distinct bins
         y = (rng.random((2, 8, 8)) < p1).astype(np.int64)
         logits = torch.from_numpy(np.stack([np.zeros_like(p1), np.log(p1 / (1 - p1))], 1)).float()
-        m.update(logits, torch.from_numpy(y))
+        m.add_probs(logits.softmax(1), torch.from_numpy(y))
         probs_all.append(p1.ravel())
         y_all.append(y.ravel())
     p, y = np.concatenate(probs_all), np.concatenate(y_all)
@@ -104,7 +104,7 @@ def _worker(rank, world, port, shards, result_path):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     m = SegmentationMetrics(3, NAMES)
     for logits, target, cases in shards[rank]:
-        m.update(logits, target, case_ids=cases)
+        m.add_probs(logits.softmax(1), target, case_ids=cases)
     m.all_reduce()
     if rank == 0:
         torch.save(m.compute(), result_path)
@@ -118,7 +118,7 @@ def test_all_reduce_across_two_gloo_ranks(tmp_path):
         batches.append((logits, target, [f"case{seed % 3}", f"case{(seed + 1) % 3}"]))
     single = SegmentationMetrics(3, NAMES)
     for b in batches:
-        single.update(*b[:2], case_ids=b[2])
+        single.add_probs(b[0].softmax(1), b[1], case_ids=b[2])
     shards = [batches[0::2], batches[1::2]]
     import socket
 
@@ -130,3 +130,45 @@ def test_all_reduce_across_two_gloo_ranks(tmp_path):
     expected = single.compute()
     assert merged["per_class"] == expected["per_class"] and merged["per_case"] == expected["per_case"]
     assert merged["pr_curve"]["average_precision"] == pytest.approx(expected["pr_curve"]["average_precision"])
+
+
+def test_identity_label_maps_count_as_no_maps():
+    """Fully annotated cases (identity maps) give the figures of no maps at all, for both forms."""
+    logits, target = random_batch(7, n=3)
+    probs, maps = logits.softmax(1), torch.tensor([[0, 1, 2]] * 3)
+    for add, first in (("add_probs", probs), ("add_labels", probs.argmax(1))):
+        plain, mapped = SegmentationMetrics(3, NAMES), SegmentationMetrics(3, NAMES)
+        getattr(plain, add)(first, target, case_ids=["a", "b", "c"])
+        getattr(mapped, add)(first, target, case_ids=["a", "b", "c"], label_maps=maps)
+        assert torch.equal(plain.confusion, mapped.confusion) and torch.equal(plain.pr_hist, mapped.pr_hist)
+        assert plain.compute() == mapped.compute()
+
+
+def test_add_probs_merges_unannotated_classes_and_skips_their_pr_counts():
+    """A liver-only case (map [0, 1, 1]): its tumour predictions count as liver, its probabilities
+    add nothing to the tumour PR curve; a fully annotated case in the same batch counts as alone."""
+    logits, target = random_batch(8, n=2)
+    target[0][target[0] == 2] = 1  # the liver-only case marks its tumour as liver
+    probs = logits.softmax(1)
+    m = SegmentationMetrics(3, NAMES)
+    m.add_probs(probs, target, case_ids=["liver_only", "full"], label_maps=torch.tensor([[0, 1, 1], [0, 1, 2]]))
+    alone = SegmentationMetrics(3, NAMES)
+    alone.add_probs(probs[1:], target[1:], case_ids=["full"])
+    assert torch.equal(m.pr_hist, alone.pr_hist)
+    merged = probs[0].argmax(0).clamp(max=1)
+    want = torch.bincount((target[0] * 3 + merged).flatten(), minlength=9).reshape(3, 3)
+    assert torch.equal(m.confusion - alone.confusion, want)
+    row = {r["case"]: r["per_class"] for r in m.compute()["per_case"]}["liver_only"]
+    assert row["tumour"]["dice"] is None and row["liver"]["dice"] is not None
+
+
+def test_batches_that_do_not_fit_are_refused():
+    logits, target = random_batch(9, n=2)
+    m = SegmentationMetrics(3, NAMES)
+    with pytest.raises(ValueError, match="differ"):
+        m.add_probs(logits.softmax(1), target[:1])
+    with pytest.raises(ValueError, match="differ"):
+        m.add_labels(logits.argmax(1), target[..., :-1])
+    with pytest.raises(ValueError, match="prediction values outside"):
+        m.add_labels(logits.argmax(1) + 1, target)
+    assert int(m.confusion.sum()) == 0 and int(m.pr_hist.sum()) == 0  # nothing refused was counted

@@ -81,7 +81,7 @@ def test_metrics_merge_predictions_and_skip_unannotated_classes():
     m = SegmentationMetrics(3, LITS)
     target = torch.tensor([[[0, 1, 1, 1]]])  # a liver-only case: its tumour voxels are labelled liver
     pred = torch.tensor([[[0, 1, 2, 2]]])
-    m.update(None, target, case_ids=["chaos"], pred=pred, label_maps=torch.tensor([[0, 1, 1]]))
+    m.add_labels(pred, target, case_ids=["chaos"], label_maps=torch.tensor([[0, 1, 1]]))
     res = m.compute()
     row = res["per_case"][0]["per_class"]
     assert row["liver"]["dice"] == 1.0 and row["tumour"]["dice"] is None

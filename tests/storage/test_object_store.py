@@ -20,6 +20,7 @@ from hpc_seg.config.schema import DataConfig
 from hpc_seg.storage import location as loc
 from hpc_seg.storage import lock
 from hpc_seg.storage import store as zstore
+from hpc_seg.storage.chunks import ChunkReader
 from hpc_seg.training.dataset import build_loader
 from hpc_seg.ingest.index import read_index
 from hpc_seg.preprocessing.plan import read_plan
@@ -63,16 +64,16 @@ def test_prepared_s3_store_equals_local_copy(stores):
 def test_chunk_reader_reads_ranges_and_counts_requests(stores, tmp_path):
     _, url = stores
     g = zstore.open_store(url)["cases"]["lits_0001"]
-    reader = zstore.ChunkReader(g["image"])
-    assert reader.fast and type(reader.files).__name__ == "RemoteFiles"
+    reader = ChunkReader(g["image"])
+    assert reader.fast and reader.files.remote
     np.testing.assert_array_equal(reader[:, 4:7], g["image"][:, 4:7])
     assert reader.files.requests == 1 + 1  # the shard's index once (a suffix range), then 3 adjacent slices in one range
     np.testing.assert_array_equal(reader[0, 9], g["image"][0, 9])
     assert reader.files.requests == 3  # the index is kept
-    cached = zstore.ChunkReader(g["image"], cache=str(tmp_path / "cache"))
+    cached = ChunkReader(g["image"], cache=str(tmp_path / "cache"))
     np.testing.assert_array_equal(cached[:, 2:12], g["image"][:, 2:12])
     assert cached.files.requests == 2  # HEAD (its ETag) + the whole shard once
-    again = zstore.ChunkReader(g["image"], cache=str(tmp_path / "cache"))  # another process, same node
+    again = ChunkReader(g["image"], cache=str(tmp_path / "cache"))  # another process, same node
     np.testing.assert_array_equal(again[0, 5], g["image"][0, 5])
     assert again.files.requests == 1 and again.files.bytes == 0  # only the HEAD: the shard is cached
 
@@ -86,11 +87,11 @@ def test_missing_or_damaged_shard_on_s3_names_case_and_slice(s3_server, phantom_
     raw = bytearray(fs.cat_file(shard))
     raw[40] ^= 0xFF  # inside the first chunk
     fs.pipe_file(shard, bytes(raw))
-    image = zstore.ChunkReader(zstore.open_store(url)["cases"]["lits_0002"]["image"])
+    image = ChunkReader(zstore.open_store(url)["cases"]["lits_0002"]["image"])
     with pytest.raises(StoreError, match=r"case lits_0002, image slice z=0: chunk truncated or failing its crc32c"):
         image[:, 0]
     fs.rm_file(f"{key}/cases/lits_0003/label/c/0/0/0")
-    label = zstore.ChunkReader(zstore.open_store(url)["cases"]["lits_0003"]["label"])
+    label = ChunkReader(zstore.open_store(url)["cases"]["lits_0003"]["label"])
     with pytest.raises(StoreError, match=r"case lits_0003, label slice z=5: shard file .* is missing"):
         label[5]
 
@@ -107,13 +108,52 @@ def test_second_preparation_on_s3_is_refused_by_conditional_write(s3_server, pha
     assert prepare("lits", phantom_dir, url, val=0.2, test=0.2, seed=0, show_progress=False).report.ok
 
 
+def test_object_fs_operations(s3_server):
+    """The object-store side of the one filesystem interface (the local side: test_location.py)."""
+    url = _url("fs")
+    fs = loc.fs_for(url)
+    assert isinstance(fs, loc.ObjectFS) and fs is loc.fs_for(url + "/")
+    assert loc.state(url) == "absent" and loc.read_bytes(loc.join(url, "x")) is None and not loc.exists(url)
+    path = loc.join(url, "meta", "index", "zarr.json")
+    assert loc.write_json(path, {"a": 1}) == path and loc.read_json(path) == {"a": 1}
+    assert loc.is_file(path) and loc.exists(loc.join(url, "meta")) and not loc.is_file(loc.join(url, "meta"))
+    assert loc.subdirs(url) == ["meta"] and loc.subdirs(loc.join(url, "absent")) == []
+    assert loc.state(url) == "other"
+    shard = loc.join(url, "shard")
+    loc.write_bytes(shard, bytes(range(100)))
+    handle = fs.open(shard)
+    assert fs.tail(handle, 4) == bytes([96, 97, 98, 99]) and fs.pread(handle, 3, 10) == bytes([10, 11, 12])
+    assert fs.version(shard) == fs.version(shard)
+    assert loc.create_exclusive(url + ".lock", b"first") and not loc.create_exclusive(url + ".lock", b"second")
+    assert loc.read_bytes(url + ".lock") == b"first"
+    loc.remove_file(url + ".lock")
+    loc.remove_file(url + ".lock")
+    loc.remove_tree(url)
+    assert loc.state(url) == "absent" and not loc.exists(url + ".lock")
+
+
+def test_a_forked_child_makes_its_own_filesystem(stores):
+    _, url = stores
+    parent = loc.filesystem(url)
+    assert loc.filesystem(url) is parent  # one per process
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 when it reads through a filesystem of its own
+        try:
+            ok = loc.filesystem(url) is not parent and loc.is_file(loc.join(url, "zarr.json"))
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and loc.filesystem(url) is parent
+
+
 def test_loader_workers_read_s3_like_local(stores):
     """Two DataLoader workers (forkserver for object stores: no inherited HTTP session) read the
     same batches from S3 as from the local copy."""
     local, url = stores
     batches = []
     for store in (local, url):
-        cfg = DataConfig(store=store, dataset="lits", size=[32, 32], batch_size=4, num_workers=2, oversample=0.5)
+        cfg = DataConfig(store=store, kind="lits", size=[32, 32], batch_size=4, num_workers=2, oversample=0.5)
         cases = read_split(store, 0)["train"]
         loader, sampler = build_loader(cfg, cases, train=True, seed=1)
         assert (loader.multiprocessing_context is not None) == store.startswith("s3://")

@@ -1,12 +1,11 @@
 """The fast chunk reader must agree with zarr's own indexing, absent chunks included."""
 
-import os
-
 import numpy as np
 import pytest
 import zarr
 
 from hpc_seg.storage import store as zstore
+from hpc_seg.storage.chunks import ChunkReader
 
 
 @pytest.fixture()
@@ -27,7 +26,7 @@ def arrays(tmp_path):
 
 def test_fast_reader_matches_zarr(arrays):
     g, img, lab = arrays
-    ri, rl = zstore.ChunkReader(g["image"]), zstore.ChunkReader(g["label"])
+    ri, rl = ChunkReader(g["image"]), ChunkReader(g["label"])
     assert ri.fast and rl.fast
     for sel in [(0, 3), (slice(None), slice(1, 4)), (0, slice(5, 7), slice(2, 9)), (0, -1), ()]:
         assert np.array_equal(ri[sel], img[sel]) and np.array_equal(ri[sel], g["image"][sel])
@@ -62,7 +61,7 @@ def test_sharded_case_is_five_files_and_plain_zarr_reads_the_same(sharded, phant
     assert _files(case) == ["image/c/0/0/0/0", "image/zarr.json", "label/c/0/0/0", "label/zarr.json", "zarr.json"]
     g = zarr.open_group(str(sharded), mode="r")["cases"]["lits_0000"]
     assert g["image"].shards == g["image"].shape and g["image"].chunks[:2] == (1, 1)
-    ri, rl = zstore.ChunkReader(g["image"]), zstore.ChunkReader(g["label"])
+    ri, rl = ChunkReader(g["image"]), ChunkReader(g["label"])
     assert ri.fast and ri.sharded and ri.crc
     img, lab = g["image"][...], g["label"][...]
     src = nib.as_closest_canonical(nib.load(phantom_dir / "segmentation-0.nii.gz")).get_fdata()
@@ -80,13 +79,15 @@ def _shard(store, case="lits_0001", array="label"):
 
 def test_damaged_chunk_is_an_error_naming_case_and_slice(sharded):
     g = zarr.open_group(str(sharded), mode="r")["cases"]["lits_0001"]
-    rl = zstore.ChunkReader(g["label"])
-    index = rl._shard_index((0, 0, 0), _shard(sharded), os.open(_shard(sharded), 0), (0, 0, 0))
+    rl = ChunkReader(g["label"])
+    handle = rl.files.open("c/0/0/0")
+    index = rl._shard_index((0, 0, 0), _shard(sharded), handle, (0, 0, 0))
+    rl.files.close(handle)
     offset, nbytes = (int(v) for v in index[5])
     raw = bytearray(_shard(sharded).read_bytes())
     raw[offset + nbytes // 2] ^= 0xFF  # one flipped byte inside slice 5's chunk
     _shard(sharded).write_bytes(bytes(raw))
-    fresh = zstore.ChunkReader(zarr.open_group(str(sharded), mode="r")["cases"]["lits_0001"]["label"])
+    fresh = ChunkReader(zarr.open_group(str(sharded), mode="r")["cases"]["lits_0001"]["label"])
     assert np.array_equal(fresh[4], g["label"][4])  # its neighbours still read
     with pytest.raises(StoreError, match=r"case lits_0001, label slice z=5: chunk truncated or failing its crc32c"):
         fresh[5]
@@ -94,7 +95,7 @@ def test_damaged_chunk_is_an_error_naming_case_and_slice(sharded):
 
 def test_missing_shard_or_chunk_is_an_error_not_zeros(sharded):
     _shard(sharded, array="image").unlink()
-    img = zstore.ChunkReader(zarr.open_group(str(sharded), mode="r")["cases"]["lits_0001"]["image"])
+    img = ChunkReader(zarr.open_group(str(sharded), mode="r")["cases"]["lits_0001"]["image"])
     with pytest.raises(StoreError, match=r"case lits_0001, image slice z=2: shard file .* is missing"):
         img[0, 2]
     path = _shard(sharded)
@@ -108,7 +109,7 @@ def test_missing_shard_or_chunk_is_an_error_not_zeros(sharded):
     body = index.tobytes()
     raw[start:] = body + google_crc32c.value(body).to_bytes(4, "little")
     path.write_bytes(bytes(raw))
-    lab = zstore.ChunkReader(zarr.open_group(str(sharded), mode="r")["cases"]["lits_0001"]["label"])
+    lab = ChunkReader(zarr.open_group(str(sharded), mode="r")["cases"]["lits_0001"]["label"])
     with pytest.raises(StoreError, match="slice z=3: chunk missing from its shard"):
         lab[3]
 
@@ -119,6 +120,6 @@ def test_unsharded_stores_still_read(phantom_dir, tmp_path):
     assert zstore.store_info(store)["format"] == "hpc-seg/zarr-v2"
     assert len(_files(store / "cases" / "lits_0000")) > 16  # one file per non-empty chunk
     g = zstore.open_store(store)["cases"]["lits_0000"]
-    r = zstore.ChunkReader(g["label"])
+    r = ChunkReader(g["label"])
     assert r.fast and not r.sharded
     assert all(np.array_equal(r[z], g["label"][z]) for z in range(g["label"].shape[0]))

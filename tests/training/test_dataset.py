@@ -6,7 +6,8 @@ import torch
 
 from hpc_seg.config import load_config
 from tests.conftest import case_arrays
-from hpc_seg.training.dataset import ShardedSampler, ZarrSliceDataset, build_loader
+from hpc_seg.training.dataset import (ShardedSampler, ZarrPatchDataset, ZarrSliceDataset, build_loader,
+                                      make_dataset)
 
 
 def cfg_for(store, *overrides):
@@ -21,7 +22,8 @@ CASES = [f"lits_{i:04d}" for i in range(6)]
     ("2d", (1, 48, 48), (48, 48)), ("2.5d", (5, 48, 48), (48, 48)), ("3d", (1, 8, 48, 48), (8, 48, 48))])
 def test_modes_shapes(phantom_store, mode, shape, lshape):
     cfg = cfg_for(phantom_store, f"data.mode={mode}", "data.slices=5", "data.patch_depth=8")
-    ds = ZarrSliceDataset(phantom_store, CASES, cfg, train=True, seed=0)
+    ds = make_dataset(phantom_store, CASES, cfg, train=True, seed=0)
+    assert type(ds) is (ZarrPatchDataset if mode == "3d" else ZarrSliceDataset)
     n_expected = 6 * (16 if mode != "3d" else 2)
     assert len(ds) == n_expected
     for i in (0, len(ds) - 1):
@@ -110,7 +112,7 @@ def test_kvasir_rgb(synthetic_rgb, tmp_path):
 
     out = tmp_path / "kv.zarr"
     prepare("kvasir", synthetic_rgb, out, show_progress=False)
-    cfg = load_config(None, [f"data.store={out}", "data.dataset=kvasir", "data.mode=2d",
+    cfg = load_config(None, [f"data.store={out}", "data.kind=kvasir", "data.mode=2d",
                              "data.size=[64,64]"]).data
     from hpc_seg.ingest.index import read_index
 
@@ -118,3 +120,67 @@ def test_kvasir_rgb(synthetic_rgb, tmp_path):
     assert ds.plan.in_channels == 3 and ds.plan.num_classes == 2 and ds.plan.normalize == "rgb"
     s = ds[(0, 0)]
     assert s["image"].shape == (3, 64, 64) and set(s["label"].unique().tolist()) <= {0, 1}
+
+
+def test_3d_patch_exact_past_the_last_slice(phantom_store):
+    """A patch that runs past the case repeats the last image slice, with background labels."""
+    cfg = cfg_for(phantom_store, "data.mode=3d", "data.patch_depth=6", "data.augment.enabled=false",
+                  "data.oversample=0")
+    ds = make_dataset(phantom_store, ["lits_0002"], cfg, train=False)
+    image, label = case_arrays(phantom_store, "lits_0002")
+    assert [int(z) for _, z in ds.items] == [0, 6, 12]
+    img, lab = ds.read(0, 12)
+    zs = [12, 13, 14, 15, 15, 15]
+    assert img.dtype == image.dtype and np.array_equal(img, image[:, zs])
+    assert lab.dtype == np.uint8 and np.array_equal(lab[:4], label[12:16]) and not lab[4:].any()
+
+
+def test_each_mode_has_its_dataset(phantom_store):
+    with pytest.raises(ValueError, match="ZarrSliceDataset cuts 2d/2.5d samples, not data.mode '3d'"):
+        ZarrSliceDataset(phantom_store, CASES, cfg_for(phantom_store, "data.mode=3d"), train=False)
+    with pytest.raises(ValueError, match="make_dataset picks"):
+        ZarrPatchDataset(phantom_store, CASES, cfg_for(phantom_store, "data.mode=2d"), train=False)
+    loader, _ = build_loader(cfg_for(phantom_store, "data.mode=3d", "data.patch_depth=8"), CASES, train=False,
+                             num_workers=0)
+    assert type(loader.dataset) is ZarrPatchDataset and len(loader.dataset) == 12
+
+
+def test_dataset_takes_an_open_store_and_pickles_without_its_arrays(phantom_store):
+    import pickle
+
+    from hpc_seg.ingest.catalog import Store
+
+    store = Store.open(phantom_store)
+    cfg = cfg_for(phantom_store, "data.augment.enabled=false")
+    ds = make_dataset(store, CASES, cfg, train=True, seed=2)
+    assert ds.store is store
+    first = ds[(5, 0)]
+    copy = pickle.loads(pickle.dumps(ds))  # what a spawned worker gets
+    assert copy._arrays == {} and copy.store.path == store.path and vars(copy.store)["_root"] is None
+    again = copy[(5, 0)]
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["label"], again["label"])
+
+
+def test_oversample_class_is_a_class_name(phantom_store):
+    from hpc_seg.ingest.index import from_runs, read_index
+
+    index = read_index(phantom_store)
+    by_name = ZarrSliceDataset(phantom_store, CASES, cfg_for(phantom_store), train=True)  # default: tumour
+    assert by_name.cfg.oversample_class == "tumour"
+    for ci, cid in enumerate(CASES):
+        runs = index["cases"][cid]["stats"]["slices_with_class"]
+        assert np.array_equal(by_name.fg_slices[ci][0], from_runs(runs.get("2", [])))
+    liver = ZarrSliceDataset(phantom_store, CASES, cfg_for(phantom_store, "data.oversample_class=liver"), train=True)
+    assert all(np.array_equal(liver.fg_slices[ci][0], from_runs(index["cases"][cid]["stats"]["slices_with_class"]["1"]))
+               for ci, cid in enumerate(CASES))
+    absent = ZarrSliceDataset(phantom_store, CASES, cfg_for(phantom_store, "data.oversample_class=polyp"), train=True)
+    assert all(len(t) == 0 and len(a) for t, a in absent.fg_slices)  # any foreground slice instead
+    with pytest.warns(FutureWarning, match="write the class name instead: data.oversample_class: tumour"):
+        by_index = ZarrSliceDataset(phantom_store, CASES, cfg_for(phantom_store, "data.oversample_class=2"),
+                                    train=True)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(by_index.fg_slices, by_name.fg_slices))
+    assert all(torch.equal(by_index[(i, 0)]["image"], by_name[(i, 0)]["image"]) for i in range(0, 96, 9))
+    with pytest.warns(FutureWarning, match=r"one of \['liver', 'tumour'\] \(index 7 is no class"):
+        out_of_range = ZarrSliceDataset(phantom_store, CASES, cfg_for(phantom_store, "data.oversample_class=7"),
+                                        train=True)
+    assert all(len(t) == 0 for t, _ in out_of_range.fg_slices)

@@ -71,7 +71,7 @@ def test_deepspeed_json_golden():
 def test_nproc_starts_local_ranks_after_preparing_in_one_process(tmp_path, phantom_dir):
     """`hpc-seg train --nproc 2` on a store that does not exist yet: prepared once, then 2 ranks."""
     store, run = tmp_path / "fresh.zarr", tmp_path / "run"
-    sets = [f"data.store={store}", f"data.source={phantom_dir}", "data.dataset=lits", "data.size=[32,32]",
+    sets = [f"data.store={store}", f"data.source={phantom_dir}", "data.kind=lits", "data.size=[32,32]",
             "data.batch_size=2", "data.num_workers=0", "train.max_steps=3", "train.val_every_steps=0",
             "train.val_max_cases=1", "checkpoint.every_steps=0"]
     cmd = [str(BIN / "hpc-seg"), "train", "--config", "tiny_cpu.yaml", "--run-dir", str(run), "--nproc", "2",

@@ -1,6 +1,7 @@
-"""``hpc-seg submit``: training to SLURM through submitit (or locally without SLURM).
+"""Job commands: ``hpc-seg submit`` (training to SLURM through submitit, or locally without SLURM)
+and ``hpc-seg status``.
 
-Commands (``python launch/submit.py`` is the same command)::
+Commands (``python launch/submit.py ARGS`` is ``hpc-seg submit ARGS``)::
 
     hpc-seg submit --config transunet_12l.yaml                 # sbatch via submitit: job id, logs
     hpc-seg submit --config grids/unet_aspp.yaml               # one job array over the grid
@@ -19,35 +20,67 @@ anything is queued (exit 2 with the reasons). Runs go to ``RUN_ROOT/<config name
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from hpc_seg.config.cli_args import add_config_args
 from hpc_seg.errors import HpcSegError
 
 
-def plan(args) -> tuple[str | None, list]:
-    """(grid name or None, [Planned]) for the config or grid named on the command line."""
-    from hpc_seg.jobs.grid import expand, is_grid, load_grid
-    from hpc_seg.jobs.submit import Planned, absolute_paths, load_launch_config
+def add_commands(sub) -> None:
+    p = sub.add_parser("submit", help="submit training to SLURM via submitit (or --local)")
+    add_config_args(p, required=True, help="config or grid file (path or name inside configs/)")
+    p.add_argument("--site", default=None, help="site profile (default: $HPC_SEG_SITE, "
+                   "~/.config/hpc-seg/site.yaml, the shipped one)")
+    p.add_argument("--run-root", default="runs")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and config; submit nothing")
+    p.add_argument("--local", action="store_true", help="run with submitit's local executor (no SLURM)")
+    p.add_argument("--wait", action="store_true", help="wait for the job(s) and report")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="jobs, steps, last checkpoint and metrics of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_submit(args) -> int:
+    grid, points = expand_request(args)
+    check(points)
+    if args.dry_run:
+        dry_run(grid, points)
+        return 0
+    return submit(grid, points, args.local, args.wait)
+
+
+def cmd_status(args) -> int:
+    from hpc_seg.jobs.status import print_status
+
+    return print_status(args.run_dir)
+
+
+def expand_request(args) -> tuple[str | None, list]:
+    """(grid name or None, [GridPoint]) for the config or grid named on the command line: a grid
+    expands to one point per combination of its axes, a config is one point."""
+    from hpc_seg.jobs.grid import GridPoint, expand_grid, is_grid, load_grid
+    from hpc_seg.jobs.submit import absolute_paths, load_launch_config
 
     root = Path(args.run_root).resolve()
     if not is_grid(args.config):
         cfg = absolute_paths(load_launch_config(args.config, args.overrides, args.site))
-        return None, [Planned(cfg.name, cfg, root / cfg.name)]
+        return None, [GridPoint(cfg.name, cfg, root / cfg.name)]
     name, base, axes = load_grid(args.config)
     points = []
-    for point, overrides in expand(axes):
+    for point, overrides in expand_grid(axes):
         cfg = absolute_paths(load_launch_config(base, overrides + args.overrides + [f"name={name}-{point}"],
                                                 args.site))
-        points.append(Planned(point, cfg, root / name / point))
+        points.append(GridPoint(point, cfg, root / name / point))
     return name, points
 
 
 def check(points) -> None:
-    from hpc_seg.jobs.submit import validate_request
+    from hpc_seg.jobs.submit import check_request
 
-    problems = [f"{p.name}: {msg}" for p in points for msg in validate_request(p.cfg, p.run_dir)]
+    problems = [f"{p.name}: {msg}" for p in points for msg in check_request(p.cfg, p.run_dir)]
     if problems:
         raise HpcSegError("refusing to submit:\n  " + "\n  ".join(problems))
 
@@ -87,8 +120,10 @@ def submit(grid: str | None, points, local: bool, wait: bool) -> int:
             ids.write(f"{job.job_id}\n")
         print(f"submitted {p.name}: job {job.job_id} ({executor.cluster}); run dir {p.run_dir}; "
               f"log {job.paths.stdout}")
-    if not wait:
-        return 0
+    return _wait_and_report(points, jobs) if wait else 0
+
+
+def _wait_and_report(points, jobs) -> int:
     import logging
 
     logging.getLogger("submitit").setLevel(logging.ERROR)  # no accounting: sacct warnings are noise
@@ -109,38 +144,3 @@ def _dict(cfg):
     from hpc_seg.config import to_dict
 
     return to_dict(cfg)
-
-
-def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    ap = ap or argparse.ArgumentParser(prog="hpc-seg submit", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True, help="config or grid file (path or name inside configs/)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--site", default=None, help="site profile (default: $HPC_SEG_SITE, "
-                    "~/.config/hpc-seg/site.yaml, the shipped one)")
-    ap.add_argument("--run-root", default="runs")
-    ap.add_argument("--dry-run", action="store_true", help="print the sbatch script and config; submit nothing")
-    ap.add_argument("--local", action="store_true", help="run with submitit's local executor (no SLURM)")
-    ap.add_argument("--wait", action="store_true", help="wait for the job(s) and report")
-    return ap
-
-
-def run(args) -> int:
-    grid, points = plan(args)
-    check(points)
-    if args.dry_run:
-        dry_run(grid, points)
-        return 0
-    return submit(grid, points, args.local, args.wait)
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except HpcSegError as exc:
-        print(f"submit: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
