@@ -21,13 +21,16 @@ checks it against the store's index; ``hpc_seg.ingest.split`` makes and writes s
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import zarr
 
 from hpc_seg.errors import SplitError, StoreError
-from hpc_seg.preprocessing.plan import PreprocessingPlan, read_plan
 from hpc_seg.storage import location as loc
 from hpc_seg.storage import store as zstore
+
+if TYPE_CHECKING:
+    from hpc_seg.preprocessing.plan import PreprocessingPlan
 
 SPLITS = ("train", "val", "test")
 
@@ -140,8 +143,10 @@ class Store:
         check_split(split, set(self.index["cases"]), source=f"{self.path} (meta/{split_key(seed)})")
         return {k: list(split.get(k, [])) for k in SPLITS}
 
-    def plan(self, seed: int) -> PreprocessingPlan:
+    def plan(self, seed: int) -> "PreprocessingPlan":
         """The preprocessing plan of the split of ``seed`` (unresolved: ``.resolve(cfg.data)``)."""
+        from hpc_seg.preprocessing.plan import read_plan  # here: conversion workers import this module, not torch
+
         return read_plan(self.path, seed)
 
     def case(self, case_id: str) -> tuple[zarr.Array, zarr.Array]:

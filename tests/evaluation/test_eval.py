@@ -1,7 +1,6 @@
 """Export from ZeRO shards, whole-volume evaluation, NIfTI prediction, metrics oracle, compare."""
 
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
