@@ -6,9 +6,9 @@ import argparse
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("export", help="consolidate sharded checkpoints into one fp32 .safetensors")
+    p = sub.add_parser("export", help="consolidate sharded checkpoints into one fp32 .safetensors or .onnx file")
     p.add_argument("run_dir")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="MODEL.safetensors, or MODEL.onnx (the graph, plan in its metadata)")
     p.add_argument("--tag", default="best", help="best (default, else latest), latest or stepNNNNNNNN")
     p.set_defaults(func=cmd_export)
 
@@ -26,7 +26,7 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment a raw NIfTI CT; output keeps the input's affine/header")
-    p.add_argument("model")
+    p.add_argument("model", help="an export (.safetensors or .onnx) or a run directory")
     p.add_argument("image")
     p.add_argument("--out", required=True)
     p.add_argument("--probs", default=None, help="also write probabilities to this .zarr")

@@ -68,8 +68,9 @@ def _model_for(cfg: Config, plan: PreprocessingPlan, state: dict, source: str):
 
 
 def export(run_dir: str | Path, out: str | Path, tag: str = "best") -> Path:
-    """Consolidate ZeRO shards (any stage, any world size) into ``out`` (.safetensors, fp32) with
-    the config and the run's preprocessing plan (``RUN_DIR/plan.json``) embedded."""
+    """Consolidate ZeRO shards (any stage, any world size) into ``out`` with the config and the
+    run's preprocessing plan (``RUN_DIR/plan.json``) embedded: ``.safetensors`` (fp32 weights) or
+    ``.onnx`` (the graph, ``hpc_seg.evaluation.onnx_io``)."""
     from safetensors.torch import save
 
     run_dir = Path(run_dir)
@@ -77,7 +78,11 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "best") -> Path:
     plan = read_run_plan(run_dir)
     root, tag = resolve_checkpoint(run_dir, tag)
     state = consolidated_state_dict(root, tag)
-    _model_for(cfg, plan, state, str(root / tag))  # refuse to write weights that do not fit the config
+    model = _model_for(cfg, plan, state, str(root / tag))  # refuse to write weights that do not fit the config
+    if Path(out).suffix == ".onnx":
+        from hpc_seg.evaluation.onnx_io import export_onnx
+
+        return export_onnx(model, cfg, plan, out)
     meta = {"config": yaml.safe_dump(to_dict(cfg), sort_keys=False), "plan": plan.to_json(),
             "checkpoint": str(root / tag), "manifest": json.dumps(CheckpointManager.manifest(root, tag).get("step"))}
     data = save({k: v.contiguous() for k, v in state.items()}, metadata=meta)
@@ -85,8 +90,8 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "best") -> Path:
 
 
 def load_for_eval(source: str | Path, tag: str = "best"):
-    """(model in eval mode, config, preprocessing plan) from a ``.safetensors`` export or a run
-    directory; a model without a plan (made before plans existed) is refused with what to do."""
+    """(model in eval mode, config, preprocessing plan) from a ``.safetensors`` or ``.onnx`` export or a
+    run directory; a model without a plan (made before plans existed) is refused with what to do."""
     source = Path(source)
     if source.is_dir():
         cfg = run_config(source)
@@ -95,6 +100,10 @@ def load_for_eval(source: str | Path, tag: str = "best"):
         return _model_for(cfg, plan, consolidated_state_dict(root, tag), str(root / tag)), cfg, plan
     if not source.is_file():
         raise HpcSegError(f"{source}: no such model file or run directory")
+    if source.suffix == ".onnx":
+        from hpc_seg.evaluation.onnx_io import load_onnx
+
+        return load_onnx(source)
     from safetensors import safe_open
     from safetensors.torch import load_file
 

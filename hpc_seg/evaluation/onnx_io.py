@@ -1,0 +1,117 @@
+"""ONNX export with the preprocessing plan inside, and running it through onnxruntime.
+
+    hpc-seg export RUN_DIR --out model.onnx [--tag best]
+    hpc-seg predict model.onnx ct.nii.gz --out pred.nii.gz
+
+One self-contained file: the weights are initialisers of the graph (no external ``.data`` file: the
+models are far below protobuf's 2 GB limit), written by PyTorch's TorchScript exporter
+(``dynamo=False``: it needs no ``onnxscript``), opset 17. The batch dimension is dynamic; the spatial
+size is the plan's model input size, to which the plan resizes every slice (TransUNet's position
+embeddings fix it too). The model properties carry what turns a CT into model input and logits back
+into labels: ``hpc_seg.plan`` (the preprocessing plan, JSON), ``hpc_seg.plan_version``,
+``hpc_seg.inference`` (TTA and post-processing settings), ``hpc_seg.config`` (YAML) and
+``hpc_seg.version``; ``InferenceSession.get_modelmeta().custom_metadata_map`` reads them back.
+
+Running it needs onnxruntime, not DeepSpeed: :class:`OnnxModel` is a module that hands each batch
+to an ``InferenceSession`` (CUDA where onnxruntime has it, else CPU), so the one inference code path
+(``hpc_seg.evaluation.inference``) serves both formats.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from hpc_seg import __version__
+from hpc_seg.config import Config, to_dict
+from hpc_seg.config.loader import from_dict, rename_former_keys
+from hpc_seg.errors import HpcSegError, PlanError
+from hpc_seg.preprocessing.plan import PLAN_VERSION, PreprocessingPlan
+from hpc_seg.storage.atomic import atomic_write_bytes
+
+OPSET = 17
+INPUT, OUTPUT = "image", "logits"
+
+
+def export_onnx(model: torch.nn.Module, cfg: Config, plan: PreprocessingPlan, out: str | Path) -> Path:
+    """``model`` (eval mode, fp32) → one ONNX file at ``out`` with the plan in its metadata."""
+    import io
+    import warnings
+
+    import onnx
+
+    example = torch.zeros(1, plan.in_channels, *plan.size)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice, not the user's concern
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (example,), buf, dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+    proto = onnx.load_from_string(buf.getvalue())
+    onnx.helper.set_model_props(proto, {
+        "hpc_seg.plan": plan.to_json(), "hpc_seg.plan_version": str(PLAN_VERSION),
+        "hpc_seg.inference": json.dumps(to_dict(cfg.inference)),
+        "hpc_seg.config": yaml.safe_dump(to_dict(cfg), sort_keys=False), "hpc_seg.version": __version__})
+    proto.producer_name, proto.producer_version = "hpc-seg", __version__
+    onnx.checker.check_model(proto)
+    return atomic_write_bytes(out, proto.SerializeToString())
+
+
+class OnnxModel(torch.nn.Module):
+    """An ONNX export as a module: ``forward`` runs the graph in onnxruntime (float32 in, logits out,
+    on the input's device). It has no parameters, so ``.to(device)`` moves nothing."""
+
+    def __init__(self, session, source: str):
+        super().__init__()
+        self.session, self.source = session, source
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feed = {INPUT: x.detach().to("cpu", torch.float32).contiguous().numpy()}
+        return torch.from_numpy(self.session.run([OUTPUT], feed)[0]).to(x.device)
+
+
+def _session(source: Path):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise HpcSegError(f"{source}: running an ONNX model needs onnxruntime (pip install 'hpc-seg[onnx]')") from None
+    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    providers = [p for p in wanted if p in ort.get_available_providers()]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: onnxruntime's provider notices are not the user's concern
+    try:
+        return ort.InferenceSession(str(source), sess_options=options, providers=providers)
+    except Exception as exc:
+        raise HpcSegError(f"{source}: not a readable ONNX model ({str(exc).splitlines()[0]})") from None
+
+
+def load_onnx(source: str | Path) -> tuple[OnnxModel, Config, PreprocessingPlan]:
+    """(model, config, preprocessing plan) of an ONNX export; a file without hpc-seg's plan, or with a
+    plan of another version, is refused in one line."""
+    source = Path(source)
+    session = _session(source)
+    meta = session.get_modelmeta().custom_metadata_map
+    if "hpc_seg.plan" not in meta or "hpc_seg.config" not in meta:
+        raise PlanError(f"{source}: ONNX model without hpc-seg's preprocessing plan in its metadata (was it written "
+                        f"by 'hpc-seg export RUN_DIR --out {source.name}'?)")
+    try:
+        plan_dict = json.loads(meta["hpc_seg.plan"])
+    except ValueError as exc:
+        raise PlanError(f"{source}: embedded preprocessing plan is not valid JSON ({exc})") from None
+    plan = PreprocessingPlan.from_dict(plan_dict, source=f"{source} (embedded plan)")
+    cfg = from_dict(Config, rename_former_keys(Config, yaml.safe_load(meta["hpc_seg.config"]), warn=False),
+                    source=f"{source} (embedded config)")
+    _check_io(session, plan, source)
+    return OnnxModel(session, str(source)), cfg, plan
+
+
+def _check_io(session, plan: PreprocessingPlan, source: Path) -> None:
+    """The graph's input must be what the plan produces (a plan edited by hand would not fit)."""
+    shape = session.get_inputs()[0].shape  # ['batch', C, H, W]
+    want = [plan.in_channels, *plan.size]
+    if [int(s) if isinstance(s, (int, np.integer)) else s for s in shape[1:]] != want:
+        raise PlanError(f"{source}: the graph takes input {shape[1:]}, its preprocessing plan makes {want}")
