@@ -56,7 +56,7 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
     predicted from its image alone; its label is read only afterwards, for the metrics.
     ``tta``/``postprocess`` None: as the model's config says (``inference`` section)."""
     out = Path(out)
-    model, cfg, plan = load_for_eval(source, tag)
+    model, cfg, plan = load_for_eval(source, tag, prefer_gpu=not cpu)
     tta, postprocess = inference_settings(cfg, tta, postprocess)
     store = Store.open(store)  # opened once; handed to everything below
     info, index = store.info, store.index
@@ -65,7 +65,7 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
     if not cases:
         raise HpcSegError(f"{store}: split '{split}' has no cases")
     names = list(plan.classes)
-    device, amp = device_and_dtype(prefer_gpu=not cpu)
+    device, amp = device_and_dtype(prefer_gpu=not cpu, model=model)
     metrics = SegmentationMetrics(len(names), names)
     extra, t0, shown = {}, time.perf_counter(), {}
     for cid in cases:
@@ -76,7 +76,7 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
     for row in res["per_case"]:
         row["per_class"] = extra[row["case"]]
     res.update({"source": str(source), "store": store.path, "split": split, "cases": len(cases),
-                "seconds": seconds, "volumes_per_s": len(cases) / seconds, "device": str(device),
+                "seconds": seconds, "volumes_per_s": len(cases) / seconds, "device": str(device), "runtime": getattr(model, "provider", "torch"),
                 "tta": tta, "postprocess": postprocess, "model": cfg.model.name, "size": cfg.model.size,
                 "overrides": cfg.model.overrides, "params": count_parameters(model),
                 "name": cfg.name, "plan": plan.to_dict(), "store_classes": list(info["classes"]),

@@ -73,15 +73,17 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "best") -> Path:
     ``.onnx`` (the graph, ``hpc_seg.evaluation.onnx_io``)."""
     from safetensors.torch import save
 
+    from hpc_seg.evaluation.onnx_io import export_onnx, is_onnx, require_onnx
+
     run_dir = Path(run_dir)
+    if is_onnx(out):
+        require_onnx(out)  # before minutes of consolidation
     cfg = run_config(run_dir)
     plan = read_run_plan(run_dir)
     root, tag = resolve_checkpoint(run_dir, tag)
     state = consolidated_state_dict(root, tag)
     model = _model_for(cfg, plan, state, str(root / tag))  # refuse to write weights that do not fit the config
-    if Path(out).suffix == ".onnx":
-        from hpc_seg.evaluation.onnx_io import export_onnx
-
+    if is_onnx(out):
         return export_onnx(model, cfg, plan, out)
     meta = {"config": yaml.safe_dump(to_dict(cfg), sort_keys=False), "plan": plan.to_json(),
             "checkpoint": str(root / tag), "manifest": json.dumps(CheckpointManager.manifest(root, tag).get("step"))}
@@ -89,7 +91,7 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "best") -> Path:
     return atomic_write_bytes(out, data)
 
 
-def load_for_eval(source: str | Path, tag: str = "best"):
+def load_for_eval(source: str | Path, tag: str = "best", prefer_gpu: bool = True):
     """(model in eval mode, config, preprocessing plan) from a ``.safetensors`` or ``.onnx`` export or a
     run directory; a model without a plan (made before plans existed) is refused with what to do."""
     source = Path(source)
@@ -100,10 +102,10 @@ def load_for_eval(source: str | Path, tag: str = "best"):
         return _model_for(cfg, plan, consolidated_state_dict(root, tag), str(root / tag)), cfg, plan
     if not source.is_file():
         raise HpcSegError(f"{source}: no such model file or run directory")
-    if source.suffix == ".onnx":
+    if source.suffix.lower() == ".onnx":
         from hpc_seg.evaluation.onnx_io import load_onnx
 
-        return load_onnx(source)
+        return load_onnx(source, prefer_gpu)
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -128,7 +130,11 @@ def load_for_eval(source: str | Path, tag: str = "best"):
     return _model_for(cfg, plan, state, str(source)), cfg, plan
 
 
-def device_and_dtype(prefer_gpu: bool = True):
+def device_and_dtype(prefer_gpu: bool = True, model=None):
+    """Where torch runs inference and its autocast dtype; a model that runs on the host (an ONNX
+    graph in onnxruntime, which picks its own device) keeps the torch side there in fp32."""
+    if getattr(model, "runs_on_host", False):
+        return torch.device("cpu"), None
     if prefer_gpu and torch.cuda.is_available():
         return torch.device("cuda"), (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     return torch.device("cpu"), None

@@ -37,11 +37,24 @@ OPSET = 17
 INPUT, OUTPUT = "image", "logits"
 
 
+def is_onnx(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def require_onnx(out: str | Path) -> None:
+    """Before any work: exporting needs the ``onnx`` package."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise HpcSegError(f"{out}: exporting to ONNX needs the onnx package (pip install 'hpc-seg[onnx]')") from None
+
+
 def export_onnx(model: torch.nn.Module, cfg: Config, plan: PreprocessingPlan, out: str | Path) -> Path:
     """``model`` (eval mode, fp32) → one ONNX file at ``out`` with the plan in its metadata."""
     import io
     import warnings
 
+    require_onnx(out)
     import onnx
 
     example = torch.zeros(1, plan.in_channels, *plan.size)
@@ -63,23 +76,29 @@ def export_onnx(model: torch.nn.Module, cfg: Config, plan: PreprocessingPlan, ou
 
 class OnnxModel(torch.nn.Module):
     """An ONNX export as a module: ``forward`` runs the graph in onnxruntime (float32 in, logits out,
-    on the input's device). It has no parameters, so ``.to(device)`` moves nothing."""
+    on the input's device). It has no parameters, so ``.to(device)`` moves nothing; the torch side of
+    inference stays on the host (``runs_on_host``) while onnxruntime uses ``provider``."""
+
+    runs_on_host = True
 
     def __init__(self, session, source: str):
         super().__init__()
         self.session, self.source = session, source
+        self.provider = session.get_providers()[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feed = {INPUT: x.detach().to("cpu", torch.float32).contiguous().numpy()}
         return torch.from_numpy(self.session.run([OUTPUT], feed)[0]).to(x.device)
 
 
-def _session(source: Path):
+def _session(source: Path, prefer_gpu: bool):
+    """onnxruntime's CUDA provider when asked for and installed (``onnxruntime-gpu``), else the CPU;
+    the provider in use is the model's ``provider`` (recorded in ``evaluate``'s metrics)."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise HpcSegError(f"{source}: running an ONNX model needs onnxruntime (pip install 'hpc-seg[onnx]')") from None
-    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider") if prefer_gpu else ("CPUExecutionProvider",)
     providers = [p for p in wanted if p in ort.get_available_providers()]
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: onnxruntime's provider notices are not the user's concern
@@ -89,29 +108,36 @@ def _session(source: Path):
         raise HpcSegError(f"{source}: not a readable ONNX model ({str(exc).splitlines()[0]})") from None
 
 
-def load_onnx(source: str | Path) -> tuple[OnnxModel, Config, PreprocessingPlan]:
-    """(model, config, preprocessing plan) of an ONNX export; a file without hpc-seg's plan, or with a
-    plan of another version, is refused in one line."""
+def load_onnx(source: str | Path, prefer_gpu: bool = True) -> tuple[OnnxModel, Config, PreprocessingPlan]:
+    """(model, config, preprocessing plan) of an ONNX export; a file without hpc-seg's plan, with a
+    plan of another version or a graph that does not fit its plan is refused in one line."""
     source = Path(source)
-    session = _session(source)
+    session = _session(source, prefer_gpu)
     meta = session.get_modelmeta().custom_metadata_map
     if "hpc_seg.plan" not in meta or "hpc_seg.config" not in meta:
         raise PlanError(f"{source}: ONNX model without hpc-seg's preprocessing plan in its metadata (was it written "
                         f"by 'hpc-seg export RUN_DIR --out {source.name}'?)")
     try:
-        plan_dict = json.loads(meta["hpc_seg.plan"])
-    except ValueError as exc:
-        raise PlanError(f"{source}: embedded preprocessing plan is not valid JSON ({exc})") from None
+        plan_dict, raw_cfg = json.loads(meta["hpc_seg.plan"]), yaml.safe_load(meta["hpc_seg.config"])
+    except (ValueError, yaml.YAMLError) as exc:
+        raise PlanError(f"{source}: embedded plan or config is not readable ({str(exc).splitlines()[0]})") from None
+    if meta.get("hpc_seg.plan_version") != str(plan_dict.get("version")):
+        raise PlanError(f"{source}: metadata says plan version {meta.get('hpc_seg.plan_version')}, the embedded "
+                        f"plan is version {plan_dict.get('version')}; export it again with this hpc-seg")
     plan = PreprocessingPlan.from_dict(plan_dict, source=f"{source} (embedded plan)")
-    cfg = from_dict(Config, rename_former_keys(Config, yaml.safe_load(meta["hpc_seg.config"]), warn=False),
-                    source=f"{source} (embedded config)")
+    cfg = from_dict(Config, rename_former_keys(Config, raw_cfg, warn=False), source=f"{source} (embedded config)")
     _check_io(session, plan, source)
     return OnnxModel(session, str(source)), cfg, plan
 
 
 def _check_io(session, plan: PreprocessingPlan, source: Path) -> None:
-    """The graph's input must be what the plan produces (a plan edited by hand would not fit)."""
-    shape = session.get_inputs()[0].shape  # ['batch', C, H, W]
+    """The graph must take what the plan produces and give what the plan reads (a plan edited by hand,
+    or a graph of another model, would not fit)."""
+    ins, outs = session.get_inputs(), session.get_outputs()
+    dims = [int(s) if isinstance(s, (int, np.integer)) else s for s in ins[0].shape[1:]]
     want = [plan.in_channels, *plan.size]
-    if [int(s) if isinstance(s, (int, np.integer)) else s for s in shape[1:]] != want:
-        raise PlanError(f"{source}: the graph takes input {shape[1:]}, its preprocessing plan makes {want}")
+    if ins[0].name != INPUT or dims != want:
+        raise PlanError(f"{source}: the graph takes {ins[0].name} {dims}, its preprocessing plan makes {INPUT} {want}")
+    if outs[0].name != OUTPUT or outs[0].shape[1] != plan.out_channels:
+        raise PlanError(f"{source}: the graph gives {outs[0].name} with {outs[0].shape[1]} channels, its plan reads "
+                        f"{OUTPUT} with {plan.out_channels}")

@@ -72,7 +72,7 @@ def predict_file(source, in_path, out_path, tta: bool | None = None, postprocess
                  probs_path=None, cpu: bool = False) -> Path:
     """Segment a NIfTI CT; ``tta``/``postprocess`` None: as the model's config says (``inference``)."""
     in_path, out_path = Path(in_path), Path(out_path)
-    model, cfg, plan = load_for_eval(source)
+    model, cfg, plan = load_for_eval(source, prefer_gpu=not cpu)
     tta, postprocess = inference_settings(cfg, tta, postprocess)
     if plan.modality != "CT":
         raise HpcSegError(f"{source}: a model for {plan.modality} images ({plan.kind}) cannot segment the CT "
@@ -80,7 +80,7 @@ def predict_file(source, in_path, out_path, tta: bool | None = None, postprocess
     img = load_nifti(in_path)
     ct = to_canonical(img, in_path)
     data = ct_to_int16(ct.data, in_path)
-    device, amp = device_and_dtype(prefer_gpu=not cpu)
+    device, amp = device_and_dtype(prefer_gpu=not cpu, model=model)
     if probs_path:
         probs = predict_probs(model, plan, data[None], device, amp, tta=tta)
         labels = probs.argmax(0).astype(np.uint8)

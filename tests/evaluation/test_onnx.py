@@ -91,10 +91,13 @@ def test_bad_onnx_files_are_refused_in_one_line(exports, tmp_path, capsys):
     _rewrite(exports / "m.onnx", bare, hpc_seg__plan=None)
     plan = json.loads({p.key: p.value for p in onnx.load(str(exports / "m.onnx")).metadata_props}["hpc_seg.plan"])
     old = tmp_path / "old.onnx"
-    _rewrite(exports / "m.onnx", old, hpc_seg__plan=json.dumps({**plan, "version": 0}))
+    _rewrite(exports / "m.onnx", old, hpc_seg__plan=json.dumps({**plan, "version": 0}), hpc_seg__plan_version="0")
+    mixed = tmp_path / "mixed.onnx"
+    _rewrite(exports / "m.onnx", mixed, hpc_seg__plan=json.dumps({**plan, "version": 0}))
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
     for path, words in ((bare, "without hpc-seg's preprocessing plan"), (old, "plan version 0"),
+                        (mixed, "metadata says plan version 1"),
                         (junk, "not a readable ONNX model")):
         assert main(["predict", str(path), str(CT), *out]) == 2
         err = capsys.readouterr().err
@@ -109,3 +112,56 @@ def test_evaluate_an_onnx_export_gives_the_pytorch_figures(exports, phantom_stor
         assert main(["evaluate", str(exports / name), "--data", str(phantom_store), "--out", str(out), "--cpu"]) == 0
         res[name] = json.loads((out / "metrics.json").read_text())
     assert res["m.onnx"]["mean_iou"] == pytest.approx(res["m.safetensors"]["mean_iou"], abs=1e-4)
+
+
+def _plan(rgb: bool, one_logit: bool):
+    from hpc_seg.preprocessing.plan import PreprocessingPlan
+
+    classes = ("background", "polyp") if rgb or one_logit else ("background", "liver", "tumour")
+    return PreprocessingPlan(kind="kvasir" if rgb else "lits", modality="RGB" if rgb else "CT", classes=classes,
+                             channels=3 if rgb else 1, split_seed=0, train_cases=1, train_digest="-",
+                             window=None if rgb else (-100.0, 400.0), mode="2d" if rgb else "2.5d",
+                             slices=1 if rgb else 3, size=(40, 40), output="sigmoid" if one_logit else "softmax")
+
+
+@pytest.mark.parametrize("name,rgb,one_logit", [("transunet", False, False), ("unetpp", False, True),
+                                                ("unet_aspp", True, True), ("transunet", True, False)])
+def test_every_model_kind_exports_and_matches_torch(name, rgb, one_logit, tmp_path):
+    """Random batches of 5 (the export saw batch 1) through each model family, CT and RGB, softmax and
+    one-logit; TransUNet at a size other than its default (its position embeddings are resized)."""
+    import torch
+
+    from hpc_seg.config import load_config
+    from hpc_seg.evaluation.onnx_io import export_onnx, load_onnx
+    from hpc_seg.models import build_from_config
+
+    plan = _plan(rgb, one_logit)
+    cfg = load_config(None, [f"model.name={name}", "model.size=tiny", "model.pretrained=null"])
+    torch.manual_seed(0)
+    model = build_from_config(cfg, plan, pretrained=False).eval()
+    path = export_onnx(model, cfg, plan, tmp_path / "m.onnx")
+    onnx_model, _, back = load_onnx(path, prefer_gpu=False)
+    assert back == plan and onnx_model.provider == "CPUExecutionProvider"
+    x = torch.randn(5, plan.in_channels, *plan.size)
+    with torch.no_grad():
+        ref = model(x)
+    got = onnx_model(x)
+    assert got.shape == ref.shape == (5, plan.out_channels, *plan.size)
+    assert float((got - ref).abs().max()) < 1e-4
+
+
+def test_a_graph_that_does_not_fit_its_plan_is_refused(tmp_path):
+    import dataclasses
+
+    from hpc_seg.config import load_config
+    from hpc_seg.errors import PlanError
+    from hpc_seg.evaluation.onnx_io import export_onnx, load_onnx
+    from hpc_seg.models import build_from_config
+
+    plan = _plan(False, False)
+    cfg = load_config(None, ["model.name=unet_aspp", "model.size=tiny"])
+    model = build_from_config(cfg, plan, pretrained=False)
+    path = export_onnx(model, cfg, dataclasses.replace(plan, output="sigmoid", classes=plan.classes[:2]),
+                       tmp_path / "m.onnx")  # a 3-channel graph beside a one-logit plan
+    with pytest.raises(PlanError, match="channels"):
+        load_onnx(path, prefer_gpu=False)
