@@ -122,7 +122,7 @@ def _write(out: Path, res: dict, shown: dict, names: list[str], source) -> None:
     atomic_write_text(out / "per_case.csv", buf.getvalue())
     if res["pr_curve"] and res["pr_curve"]["positives"]:
         plot_pr_curve(res["pr_curve"], out / "pr_curve.png")
-    report.overlays(shown, res, names, out / "overlays.png")
+    report.overlays(shown, res, names, out / "overlays.png", modality=res["plan"]["modality"])
     run_dir = Path(source)
     if run_dir.is_dir() and (run_dir / "metrics.jsonl").is_file():
         report.training_curves({run_dir.name: run_dir}, out / "training_curves.png")

@@ -41,10 +41,45 @@ def _case_score(row: dict, names: list[str]) -> float:
     return float(np.mean(fg)) if fg else 1.0
 
 
-def overlays(shown: dict, res: dict, names: list[str], path: Path) -> Path | None:
+# Where each orientation letter of a radiological axial view sits: axes fractions at the edge
+# midpoints, aligned so that the letter stays inside the image.
+EDGE_LETTERS = {"R": (0.02, 0.5, "left", "center"), "L": (0.98, 0.5, "right", "center"),
+                "A": (0.5, 0.98, "center", "top"), "P": (0.5, 0.02, "center", "bottom")}
+
+
+def radiological(slice_yx: np.ndarray) -> np.ndarray:
+    """A stored axial CT slice (Y, X) → the array that ``imshow(origin="upper")`` shows as clinicians
+    read it: anterior up, the patient's right on the image's left.
+
+    The store is RAS+ as (Z, Y, X) (``ingest.nifti_io.to_canonical``): Y increases towards the
+    patient's anterior, X towards the patient's right. Row 0 is drawn at the top, so it must be
+    the largest Y (most anterior); column 0 is drawn at the left, so it must be the largest X
+    (the patient's right): both in-plane axes are reversed.
+    """
+    return np.asarray(slice_yx)[::-1, ::-1]
+
+
+def display_slice(img_cyx: np.ndarray, masks: list, modality: str) -> tuple[np.ndarray, list]:
+    """One case's slice, image (C, Y, X) and masks (Y, X) or None → the arrays ``overlays`` draws with
+    ``origin="upper"``. CT: windowed to [-100, 400] HU, in radiological view. Other modalities
+    (RGB photos) have no patient axes and rows already run top to bottom: drawn as stored."""
+    img_cyx = np.asarray(img_cyx)
+    if modality == "CT":
+        return radiological(np.clip(img_cyx[0], -100, 400)), [None if m is None else radiological(m) for m in masks]
+    return (img_cyx[0] if img_cyx.shape[0] == 1 else img_cyx.transpose(1, 2, 0)), list(masks)
+
+
+def orientation_letters(ax) -> None:
+    """R, L, A, P at the edge midpoints of axes showing a ``radiological`` slice."""
+    for letter, (x, y, ha, va) in EDGE_LETTERS.items():
+        ax.text(x, y, letter, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=8, fontweight="bold")
+
+
+def overlays(shown: dict, res: dict, names: list[str], path: Path, *, modality: str) -> Path | None:
     """Worst / median / best case (mean foreground Dice): image, ground truth, prediction.
 
-    ``shown``: case → (z, image (C, Y, X), label (Y, X), prediction (Y, X)) of one slice.
+    ``shown``: case → (z, image (C, Y, X), label (Y, X), prediction (Y, X)) of one slice;
+    ``modality``: the plan's (``CT`` slices are drawn in radiological view with R/L/A/P letters).
     """
     rows = sorted(res["per_case"], key=lambda r: _case_score(r, names))
     if not rows:
@@ -54,13 +89,15 @@ def overlays(shown: dict, res: dict, names: list[str], path: Path) -> Path | Non
     fig, axes = plt.subplots(len(picks), 3, figsize=(9, 3 * len(picks)), squeeze=False)
     for r, (what, row) in enumerate(picks.items()):
         z, img, label, pred = shown[row["case"]]  # the case's slice with most foreground
-        img = np.clip(img[0], -100, 400) if img.shape[0] == 1 else img.transpose(1, 2, 0)
-        for c, (title, mask) in enumerate((("image", None), ("ground truth", label), ("prediction", pred))):
+        img, masks = display_slice(img, [None, label, pred], modality)
+        for c, (title, mask) in enumerate(zip(("image", "ground truth", "prediction"), masks)):
             ax = axes[r, c]
-            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, origin="lower" if img.ndim == 2 else "upper")
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, origin="upper")
             if mask is not None:
                 ax.imshow(np.ma.masked_equal(mask, 0), cmap="autumn", alpha=0.5, vmin=1, vmax=len(names) - 1,
-                          origin="lower" if img.ndim == 2 else "upper")
+                          origin="upper")
+            if modality == "CT":
+                orientation_letters(ax)
             ax.set_title(f"{what} {row['case']} z={z}: {title}" if c == 0 else title, fontsize=8)
             ax.axis("off")
     return _save(fig, path)
