@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_commands(sub) -> None:
@@ -25,11 +26,16 @@ def add_commands(sub) -> None:
                    help="write OUT/predictions/<case>.nii.gz on the original grid (RGB: <case>.png)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="segment a raw NIfTI CT; output keeps the input's affine/header")
+    p = sub.add_parser("predict", help="segment a CT (NIfTI file, DICOM series folder, or a folder of them)")
     p.add_argument("model", help="an export (.safetensors or .onnx) or a run directory")
-    p.add_argument("image")
-    p.add_argument("--out", required=True)
-    p.add_argument("--probs", default=None, help="also write probabilities to this .zarr")
+    p.add_argument("input", help="CT.nii.gz, a DICOM series folder (DICOM files in it), or a folder of cases")
+    p.add_argument("--out", required=True, help="OUT.nii.gz or OUT.dcm (DICOM-SEG); a folder for a folder of cases")
+    p.add_argument("--format", choices=["nifti", "dicom-seg"], default=None,
+                   help="default: from --out (.dcm: dicom-seg), nifti for folders")
+    p.add_argument("--series", default=None, metavar="UID", help="the SeriesInstanceUID to segment in a folder "
+                   "holding several series")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (folders: redo done cases)")
+    p.add_argument("--probs", default=None, help="also write probabilities to this .zarr (one CT only)")
     _inference_flags(p)
     p.add_argument("--cpu", action="store_true")
     p.set_defaults(func=cmd_predict)
@@ -66,10 +72,52 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from pathlib import Path
+
+    from hpc_seg.errors import HpcSegError
+    from hpc_seg.ingest.dicom_io import is_series_folder
+
+    src = Path(args.input)
+    if not src.exists():
+        raise HpcSegError(f"{src}: no such file or folder")
+    if src.is_dir() and not is_series_folder(src):
+        if args.series or args.probs:
+            raise HpcSegError(f"{src}: a folder of cases takes neither --series nor --probs (they are for one CT)")
+        return _predict_folder(args)
     from hpc_seg.evaluation.predict import predict_file
 
-    path = predict_file(args.model, args.image, args.out, args.tta, args.postprocess, args.probs, args.cpu)
-    print(f"wrote {path}")
+    path, info = predict_file(args.model, src, args.out, args.tta, args.postprocess, args.probs, args.cpu,
+                              args.format, args.series, args.overwrite)
+    for line in info["left_out"]:
+        print(f"left out {line}", file=sys.stderr)
+    print(f"wrote {path}: {volumes_line(info)}")
+    return 0
+
+
+def volumes_line(info: dict) -> str:
+    if "tumour_ml" in info:
+        burden = "" if info["tumour_burden"] is None else f", burden {100 * info['tumour_burden']:.2f} %"
+        return (f"liver {info['liver_ml']:.1f} ml, tumour {info['tumour_ml']:.1f} ml{burden}, "
+                f"{info['lesions']} lesion{'s' if info['lesions'] != 1 else ''}")
+    return ", ".join(f"{k} {v:.1f} ml" for k, v in info["volumes_ml"].items())
+
+
+def _predict_folder(args) -> int:
+    from hpc_seg.evaluation.batch import predict_folder
+
+    r = predict_folder(args.model, args.input, args.out, args.format, args.overwrite, args.tta, args.postprocess,
+                       args.cpu, progress=sys.stderr.isatty())
+    print(f"{len(r.done)} predicted, {len(r.skipped)} already done (--overwrite redoes them), {len(r.failed)} failed "
+          f"→ {r.out_dir}/volumes.csv")
+    for name, note in r.notes.items():
+        print(f"  {name}: {note}", file=sys.stderr)
+    if r.ignored:
+        print(f"  ignored (not a NIfTI file or a folder): {', '.join(r.ignored)}", file=sys.stderr)
+    if r.failed:
+        print("failed cases (fix them and rerun; finished cases are kept):", file=sys.stderr)
+        for name, err in r.failed.items():
+            print(f"  {name}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,27 +1,40 @@
-"""``hpc-seg predict model.safetensors /data/new_ct.nii.gz --out pred.nii.gz`` — a raw CT in, labels out.
+"""``hpc-seg predict MODEL INPUT --out OUT`` — a raw CT in (a NIfTI file or a DICOM series folder),
+labels out (NIfTI, or a DICOM Segmentation object for a DICOM series), with volumes beside them.
 
-The input is read and checked like a conversion (4D, empty, corrupt, NaN → clear error naming the
-file), reoriented to RAS for the model, and the label map (the model's class indices; LiTS: 0
-background, 1 liver, 2 tumour) is mapped back to the input's voxel order and written with the
-**input's affine and header** (uint8), so it opens aligned on the CT in ITK-SNAP or 3D Slicer. Any
-voxel spacing is accepted: slices are resized to the model's input size exactly as in training.
-``--probs FILE.zarr`` also stores the class probabilities (float16, (K, Z, Y, X) in RAS order, one
-chunk per slice). Post-processing follows the model's class names (``inference.postprocess``).
+The input is read and checked like a conversion (4D, empty, corrupt, NaN, values that are not
+Hounsfield units → a clear error naming the file; a DICOM folder with the same reader and checks as
+``convert ircadb``, reformats and localizers of another orientation left out and reported),
+reoriented to RAS for the model, and the label map (the model's class indices; LiTS: 0 background,
+1 liver, 2 tumour) is mapped back to the input's own voxel order: a NIfTI output keeps the **input's
+affine and header** (uint8), a DICOM-SEG references the series' own slices. Any voxel spacing is
+accepted: slices are resized to the model's input size exactly as in training. ``--probs FILE.zarr``
+also stores the class probabilities (float16, (K, Z, Y, X) in RAS order, one chunk per slice).
+Post-processing follows the model's class names (``inference.postprocess``). ``OUT``'s stem + ``.json``
+holds the volumes (``hpc_seg.metrics.volumes``). An existing output is refused without ``overwrite``.
+A folder of cases is ``hpc_seg.evaluation.batch``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
-from hpc_seg.ingest.nifti_io import ct_to_int16, load_nifti, to_canonical
-from hpc_seg.errors import HpcSegError
+from hpc_seg.errors import HpcSegError, InputDataError
 from hpc_seg.evaluation.inference import postprocess as liver_postprocess
 from hpc_seg.evaluation.inference import predict_labels, predict_probs
 from hpc_seg.evaluation.model_io import device_and_dtype, inference_settings, load_for_eval
+from hpc_seg.ingest.dicom_io import Series, is_series_folder, load_dicom_ct
+from hpc_seg.ingest.nifti_io import CanonicalVolume, ct_to_int16, load_nifti, to_canonical
+from hpc_seg.metrics.volumes import case_volumes
+
+FORMATS = ("nifti", "dicom-seg")
+AIR_HU = -500.0  # every CT holds air (outside the body, lungs, bowel) well below this
 
 
 def to_input_grid(labels_zyx: np.ndarray, canonical_affine: np.ndarray, input_affine: np.ndarray) -> np.ndarray:
@@ -68,33 +81,154 @@ def save_case_prediction(out_dir: Path, case_id: str, pred: np.ndarray, case_att
     return atomic_write_bytes(out_dir / f"{case_id}.png", buf.getvalue())
 
 
+@dataclass
+class CaseInput:
+    """A CT read for prediction: the canonical volume and what its output needs (the input grid)."""
+
+    path: Path
+    canon: CanonicalVolume
+    affine: np.ndarray  # of the input grid: the NIfTI's, or the series' RAS affine
+    shape: tuple
+    header: object = None  # the NIfTI's header (kept on the output); None for DICOM
+    series: Series | None = None
+
+    @property
+    def left_out(self) -> list[str]:
+        return self.series.left_out if self.series is not None else []
+
+
+def case_name(path: Path) -> str:
+    """The case id of an input: a NIfTI file's name without .nii(.gz), a series folder's name."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def require_hu(data: np.ndarray, path: Path) -> None:
+    """Refuse what is not a CT in Hounsfield units (a label map, an MR image, unrescaled values)."""
+    lo, hi = float(data.min()), float(data.max())
+    if lo > AIR_HU or hi - lo < 200:
+        raise InputDataError(path, f"values {lo:g}..{hi:g} do not look like a CT in Hounsfield units (no voxel "
+                                   f"below {AIR_HU:g} HU, i.e. no air): a label map, an MR image or unrescaled values?")
+
+
+def read_input(path: str | Path, series_uid: str | None = None) -> CaseInput:
+    """A NIfTI file or a DICOM series folder → CaseInput (errors name the file and the problem)."""
+    path = Path(path)
+    if path.is_dir():
+        if not is_series_folder(path) and not any(p.is_dir() for p in path.iterdir()):
+            raise InputDataError(path, "no DICOM files in this folder")
+        canon, series = load_dicom_ct(path, series_uid)
+        case = CaseInput(path, canon, series.image.affine, series.image.shape, None, series)
+    else:
+        if series_uid is not None:
+            raise InputDataError(path, "--series picks a series of a DICOM folder; this is a file")
+        img = load_nifti(path)
+        canon = to_canonical(img, path)
+        canon.data = ct_to_int16(canon.data, path)
+        case = CaseInput(path, canon, np.asarray(img.affine), img.shape, img.header)
+    require_hu(case.canon.data, path)
+    return case
+
+
+def output_format(out: Path, fmt: str | None) -> str:
+    """``--format``, else from the output's name: ``.dcm`` → DICOM-SEG, anything else NIfTI."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise HpcSegError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        return fmt
+    return "dicom-seg" if Path(out).suffix.lower() == ".dcm" else "nifti"
+
+
+def sidecar(out: Path) -> Path:
+    """The JSON beside an output: its name without .nii(.gz)/.dcm, + .json."""
+    out = Path(out)
+    return out.with_name(case_name(out).removesuffix(".dcm").removesuffix(".DCM") + ".json")
+
+
+class Predictor:
+    """A model loaded once, with its plan, settings and device, for any number of cases."""
+
+    def __init__(self, source, tta: bool | None = None, postprocess: bool | None = None, cpu: bool = False):
+        self.source = str(source)
+        self.model, self.cfg, self.plan = load_for_eval(source, prefer_gpu=not cpu)
+        if self.plan.modality != "CT":
+            raise HpcSegError(f"{source}: a model for {self.plan.modality} images ({self.plan.kind}) cannot "
+                              "segment CT volumes")
+        self.tta, self.postprocess = inference_settings(self.cfg, tta, postprocess)
+        self.device, self.amp = device_and_dtype(prefer_gpu=not cpu, model=self.model)
+        self.plan_digest = hashlib.sha256(self.plan.to_json().encode()).hexdigest()
+
+    def labels(self, case: CaseInput, with_probs: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(Z, Y, X) RAS labels (and probabilities when asked) of one case."""
+        data = case.canon.data[None]
+        if with_probs:
+            probs = predict_probs(self.model, self.plan, data, self.device, self.amp, tta=self.tta)
+            labels = probs.argmax(0).astype(np.uint8)
+        else:  # argmax where the model ran: only uint8 labels reach the host (not 2.5 GB of float32 at 512²×800)
+            probs, labels = None, predict_labels(self.model, self.plan, data, self.device, self.amp, tta=self.tta).labels
+        if self.postprocess:
+            labels = liver_postprocess(labels, self.plan.classes)
+        return labels, probs
+
+    def write(self, case: CaseInput, labels: np.ndarray, out: Path, fmt: str) -> dict:
+        """The labels in the input's own grid as ``fmt``, and the JSON of volumes beside; returns that JSON."""
+        grid = to_input_grid(labels, case.canon.affine_canonical, case.affine).astype(np.uint8)
+        if grid.shape != tuple(case.shape):
+            raise HpcSegError(f"{case.path}: internal error, prediction shape {grid.shape} != input {case.shape}")
+        if fmt == "dicom-seg":
+            self._write_seg(case, grid, out)
+        else:
+            _write_nifti(grid, case.affine, out, header=case.header)
+        info = {"case": case_name(case.path), "input": str(case.path), "output": str(out), "format": fmt,
+                "model": self.source, "series_uid": case.series.uid if case.series else None,
+                "left_out": case.left_out, **case_volumes(labels, case.canon.spacing, list(self.plan.classes))}
+        from hpc_seg.storage.atomic import atomic_write_bytes
+
+        atomic_write_bytes(sidecar(out), (json.dumps(info, indent=1) + "\n").encode())
+        return info
+
+    def _write_seg(self, case: CaseInput, grid: np.ndarray, out: Path) -> None:
+        from hpc_seg import __version__
+        from hpc_seg.ingest.dicom_seg import write_seg
+
+        require_series(case)
+        write_seg(grid.transpose(2, 1, 0), [s.ds for s in case.series.slices], list(self.plan.classes), out,
+                  model_name=self.cfg.model.name, version=__version__, plan_digest=self.plan_digest,
+                  where=case.path)
+
+
+def require_series(case: CaseInput) -> None:
+    if case.series is None:
+        raise InputDataError(case.path, "a DICOM-SEG needs a DICOM series as input (it references the source "
+                                        "slices); a NIfTI input has none: write NIfTI (--out X.nii.gz)")
+
+
+def refuse_existing(*paths, overwrite: bool = False) -> None:
+    for p in paths:
+        if p is not None and Path(p).exists() and not overwrite:
+            raise HpcSegError(f"{p} exists; pass --overwrite to replace it")
+
+
 def predict_file(source, in_path, out_path, tta: bool | None = None, postprocess: bool | None = None,
-                 probs_path=None, cpu: bool = False) -> Path:
-    """Segment a NIfTI CT; ``tta``/``postprocess`` None: as the model's config says (``inference``)."""
-    in_path, out_path = Path(in_path), Path(out_path)
-    model, cfg, plan = load_for_eval(source, prefer_gpu=not cpu)
-    tta, postprocess = inference_settings(cfg, tta, postprocess)
-    if plan.modality != "CT":
-        raise HpcSegError(f"{source}: a model for {plan.modality} images ({plan.kind}) cannot segment the CT "
-                          f"volume {in_path}")
-    img = load_nifti(in_path)
-    ct = to_canonical(img, in_path)
-    data = ct_to_int16(ct.data, in_path)
-    device, amp = device_and_dtype(prefer_gpu=not cpu, model=model)
+                 probs_path=None, cpu: bool = False, fmt: str | None = None, series_uid: str | None = None,
+                 overwrite: bool = False) -> tuple[Path, dict]:
+    """Segment one CT (NIfTI file or DICOM series folder); ``tta``/``postprocess`` None: as the
+    model's config says (``inference``). Returns the output path and the volumes written beside it."""
+    out_path = Path(out_path)
+    fmt = output_format(out_path, fmt)
+    refuse_existing(out_path, sidecar(out_path), probs_path, overwrite=overwrite)
+    case = read_input(in_path, series_uid)
+    if fmt == "dicom-seg":  # before the model loads and minutes of inference
+        require_series(case)
+    predictor = Predictor(source, tta, postprocess, cpu)
+    labels, probs = predictor.labels(case, with_probs=bool(probs_path))
+    info = predictor.write(case, labels, out_path, fmt)
     if probs_path:
-        probs = predict_probs(model, plan, data[None], device, amp, tta=tta)
-        labels = probs.argmax(0).astype(np.uint8)
-    else:  # argmax where the model ran: only uint8 labels reach the host (not 2.5 GB of float32 at 512²×800)
-        probs, labels = None, predict_labels(model, plan, data[None], device, amp, tta=tta).labels
-    if postprocess:
-        labels = liver_postprocess(labels, plan.classes)
-    out = to_input_grid(labels, ct.affine_canonical, img.affine).astype(np.uint8)
-    if out.shape != img.shape:
-        raise HpcSegError(f"{in_path}: internal error, prediction shape {out.shape} != input {img.shape}")
-    _write_nifti(out, img.affine, out_path, header=img.header)
-    if probs_path:
-        _save_probs(probs, ct.spacing, Path(probs_path))
-    return out_path
+        _save_probs(probs, case.canon.spacing, Path(probs_path))
+    return out_path, info
 
 
 def _save_probs(probs: np.ndarray, spacing, path: Path) -> None:

@@ -9,9 +9,12 @@
   slice) and flipped to RAS (diag(-1, -1, 1)); the volume then goes through the NIfTI path's
   ``to_canonical`` (RAS+, stored as (Z, Y, X)).
 
-A folder that mixes two series, has a gap in slice positions (a missing slice), changes orientation
-or pixel spacing between slices, or holds pixel data in a compressed transfer syntax that no
-installed decoder reads is refused with an InputDataError naming the folder and the problem.
+Files of another orientation than most of the folder's (a coronal reformat or a localizer stored
+under the same SeriesInstanceUID, as scanners often add) and non-image objects (DICOM-SEG, RTSTRUCT)
+are left out and reported (``Series.left_out``). A folder that mixes two series (unless one is
+chosen by UID), has a gap in slice positions (a missing slice), has no orientation shared by most
+files, changes pixel spacing between slices, or holds pixel data in a compressed transfer syntax
+that no installed decoder reads is refused with an InputDataError naming the folder and the problem.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ ORIENT_ATOL = 1e-4
 SPACING_ATOL = 1e-3  # mm
 
 
+# Objects that share a series folder with the images but are not slices of the volume.
+NON_IMAGE_SOP = {"1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage",
+                 "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set Storage",
+                 "1.2.840.10008.5.1.4.1.1.11.1": "Grayscale Softcopy Presentation State Storage"}
+
+
 @dataclass
 class Slice:
     path: Path
@@ -37,10 +46,33 @@ class Slice:
     position: float  # along the slice normal
 
 
+@dataclass
+class Series:
+    """A read series: the RAS image (voxel order column, row, slice), its slices in position order,
+    and the files of the folder left out of it (``"name: why"``)."""
+
+    image: nib.Nifti1Image
+    slices: list[Slice]
+    left_out: list[str]
+
+    @property
+    def uid(self) -> str:
+        return str(getattr(self.slices[0].ds, "SeriesInstanceUID", ""))
+
+
+def is_series_folder(folder: Path) -> bool:
+    """A folder is a series when it holds DICOM files directly (a folder of case folders does not)."""
+    from pydicom.misc import is_dicom
+
+    return Path(folder).is_dir() and any(p.is_file() and is_dicom(p) for p in Path(folder).iterdir())
+
+
 def _read_all(folder: Path) -> list:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    if not folder.is_dir():
+        raise InputDataError(folder, "not a folder (a DICOM series is a folder of slice files)")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.upper() != "DICOMDIR")
     out = []
     for p in files:
@@ -55,31 +87,76 @@ def _read_all(folder: Path) -> list:
     return out
 
 
-def _geometry(folder: Path, datasets: list) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-    """Common (row direction, column direction) and PixelSpacing, checked across slices."""
-    series = {str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in datasets}
-    if len(series) > 1:
-        raise InputDataError(folder, f"{len(series)} DICOM series mixed in one folder (SeriesInstanceUID "
-                                     f"{sorted(series)[:2]}…); put each series in its own folder")
+def _images_only(datasets: list, left_out: list[str]) -> list:
+    """Image slices; SEG, RTSTRUCT and other non-image objects beside them are left out, reported."""
+    kept = []
+    for p, ds in datasets:
+        sop = str(getattr(ds, "SOPClassUID", ""))
+        if sop in NON_IMAGE_SOP or "PixelData" not in ds:
+            left_out.append(f"{p.name}: not an image slice ({NON_IMAGE_SOP.get(sop, 'no pixel data')})")
+        else:
+            kept.append((p, ds))
+    return kept
+
+
+def _one_series(folder: Path, datasets: list, series_uid: str | None) -> list:
+    """The slices of one SeriesInstanceUID: the one asked for, or the only one present."""
+    def listed(items):
+        return ", ".join(f"{u} ({len(g)} file{'s' if len(g) != 1 else ''})" for u, g in items)
+
+    groups: dict[str, list] = {}
+    for p, ds in datasets:
+        groups.setdefault(str(getattr(ds, "SeriesInstanceUID", "")), []).append((p, ds))
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise InputDataError(folder, f"no series {series_uid} here; series present: {listed(groups.items())}")
+        return groups[series_uid]
+    if len(groups) > 1:
+        most = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+        raise InputDataError(folder, f"{len(groups)} DICOM series mixed in one folder ({listed(most)}); put each series "
+                                     "in its own folder, or choose one (predict --series UID)")
+    return next(iter(groups.values()))
+
+
+def _majority_orientation(folder: Path, datasets: list, left_out: list[str]) -> list:
+    """Slices of the orientation most files share; reformats and localizers of another orientation
+    (often stored under the same SeriesInstanceUID) are left out and reported."""
     try:
         orients = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in datasets])
+    except AttributeError as exc:
+        raise InputDataError(folder, f"DICOM geometry missing ({exc}); not a CT image series") from None
+    same = np.abs(orients[:, None, :] - orients[None, :, :]).max(-1) <= ORIENT_ATOL
+    best = int(np.argmax(same.sum(1)))
+    keep = same[best]
+    if 2 * int(keep.sum()) <= len(datasets):  # no majority: the folder is not one stack
+        i = int(np.flatnonzero(~keep)[0])
+        raise InputDataError(folder, f"inconsistent ImageOrientationPatient: {datasets[i][0].name} has "
+                                     f"{orients[i].round(4).tolist()}, {datasets[best][0].name} "
+                                     f"{orients[best].round(4).tolist()}, and no orientation is shared by most files")
+    for i in np.flatnonzero(~keep):
+        image_type = "\\".join(str(v) for v in getattr(datasets[i][1], "ImageType", []))
+        left_out.append(f"{datasets[i][0].name}: ImageOrientationPatient {orients[i].round(4).tolist()} differs from "
+                        f"the other {int(keep.sum())} slices'" + (f" (ImageType {image_type})" if image_type else ""))
+    return [d for d, k in zip(datasets, keep) if k]
+
+
+def _geometry(folder: Path, datasets: list) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Common (row direction, column direction) and PixelSpacing, checked across slices."""
+    try:
+        orient = [float(v) for v in datasets[0][1].ImageOrientationPatient]
         spacings = np.array([[float(v) for v in ds.PixelSpacing] for _, ds in datasets])
         [ds.ImagePositionPatient for _, ds in datasets]
     except AttributeError as exc:
         raise InputDataError(folder, f"DICOM geometry missing ({exc}); not a CT image series") from None
-    if np.abs(orients - orients[0]).max() > ORIENT_ATOL:
-        i = int(np.argmax(np.abs(orients - orients[0]).max(1)))
-        raise InputDataError(folder, f"inconsistent ImageOrientationPatient: {datasets[i][0].name} has "
-                                     f"{orients[i].round(4).tolist()}, {datasets[0][0].name} {orients[0].round(4).tolist()}")
     if np.abs(spacings - spacings[0]).max() > SPACING_ATOL:
         i = int(np.argmax(np.abs(spacings - spacings[0]).max(1)))
         raise InputDataError(folder, f"inconsistent PixelSpacing: {datasets[i][0].name} has {spacings[i].tolist()}, "
                                      f"{datasets[0][0].name} {spacings[0].tolist()}")
-    row, col = orients[0][:3], orients[0][3:]
+    row, col = np.array(orient[:3]), np.array(orient[3:])
     return row / np.linalg.norm(row), col / np.linalg.norm(col), (float(spacings[0][0]), float(spacings[0][1]))
 
 
-def _ordered(folder: Path, datasets: list, normal: np.ndarray) -> tuple[list[Slice], float]:
+def _ordered(folder: Path, datasets: list, normal: np.ndarray, left_out: list[str]) -> tuple[list[Slice], float]:
     """Slices sorted along the normal, and the slice spacing; gaps and duplicates refused."""
     slices = sorted((Slice(p, ds, float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])))
                      for p, ds in datasets), key=lambda s: s.position)
@@ -95,7 +172,8 @@ def _ordered(folder: Path, datasets: list, normal: np.ndarray) -> tuple[list[Sli
         k = int(bad[0])
         raise InputDataError(folder, f"gap in slice positions between {slices[k].path.name} ({slices[k].position:.2f} mm) "
                                      f"and {slices[k + 1].path.name} ({slices[k + 1].position:.2f} mm), expected "
-                                     f"{dz:.2f} mm: a missing slice?")
+                                     f"{dz:.2f} mm: a missing slice?"
+                                     + (f" (left out: {'; '.join(left_out)})" if left_out else ""))
     return slices, dz
 
 
@@ -123,14 +201,17 @@ def _pixels(s: Slice, folder: Path) -> np.ndarray:
     return arr.astype(np.float64) * slope + intercept
 
 
-def read_series(folder: Path, as_labels: bool = False) -> tuple[nib.Nifti1Image, list[Slice]]:
-    """A DICOM series folder → a NIfTI image in RAS (voxel order: column, row, slice) and the
-    slices in position order. ``as_labels``: raw stored values (masks), no HU rescale."""
+def read_series(folder: Path, as_labels: bool = False, series_uid: str | None = None) -> Series:
+    """A DICOM series folder → a NIfTI image in RAS (voxel order: column, row, slice), the slices in
+    position order and what was left out. ``as_labels``: raw stored values (masks), no HU rescale.
+    ``series_uid`` picks one series of a folder holding several."""
     folder = Path(folder)
-    datasets = _read_all(folder)
+    left_out: list[str] = []
+    datasets = _one_series(folder, _images_only(_read_all(folder), left_out), series_uid)
+    datasets = _majority_orientation(folder, datasets, left_out)
     row, col, (drow, dcol) = _geometry(folder, datasets)
     normal = np.cross(row, col)
-    slices, dz = _ordered(folder, datasets, normal)
+    slices, dz = _ordered(folder, datasets, normal, left_out)
     shapes = {(int(s.ds.Rows), int(s.ds.Columns)) for s in slices}
     if len(shapes) > 1:
         raise InputDataError(folder, f"slices of different sizes {sorted(shapes)}")
@@ -140,19 +221,19 @@ def read_series(folder: Path, as_labels: bool = False) -> tuple[nib.Nifti1Image,
     lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * dcol, col * drow, normal * dz
     lps[:3, 3] = [float(v) for v in slices[0].ds.ImagePositionPatient]
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    return nib.Nifti1Image(data, ras), slices
+    return Series(nib.Nifti1Image(data, ras), slices, left_out)
 
 
 def _raw(s: Slice) -> np.ndarray:
     return np.asarray(_decoded(s))
 
 
-def load_dicom_ct(folder: Path) -> tuple[CanonicalVolume, nib.Nifti1Image, list[Slice]]:
-    """CT series → canonical (Z, Y, X) int16 HU volume (as a NIfTI would give), the RAS image, the slices."""
-    img, slices = read_series(folder)
-    canon = to_canonical(img, folder)
+def load_dicom_ct(folder: Path, series_uid: str | None = None) -> tuple[CanonicalVolume, Series]:
+    """CT series → canonical (Z, Y, X) int16 HU volume (as a NIfTI would give) and the series read."""
+    series = read_series(folder, series_uid=series_uid)
+    canon = to_canonical(series.image, folder)
     canon.data = ct_to_int16(canon.data, folder)
-    return canon, img, slices
+    return canon, series
 
 
 def binary_mask(values: np.ndarray, where: Path) -> np.ndarray:

@@ -26,8 +26,9 @@ def expected_ras_affine(geo) -> np.ndarray:
 
 
 def write_series(folder, planes: np.ndarray, geo, names=None, instance_numbers=None, series_uid=None,
-                 slope=1.0, intercept=-1024.0, unsigned=False):
-    """``planes``: (k, rows, cols) stored values, slice k at origin + k·dz·normal (LPS)."""
+                 slope=1.0, intercept=-1024.0, unsigned=False, frame_uid="1.2.3.4", image_type=None):
+    """``planes``: (k, rows, cols) stored values, slice k at origin + k·dz·normal (LPS). Returns the
+    SeriesInstanceUID."""
     folder.mkdir(parents=True, exist_ok=True)
     k, rows, cols = planes.shape
     series_uid = series_uid or generate_uid()
@@ -42,6 +43,13 @@ def write_series(folder, planes: np.ndarray, geo, names=None, instance_numbers=N
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.SeriesInstanceUID, ds.StudyInstanceUID = series_uid, "1.2.3"
+        ds.FrameOfReferenceUID, ds.SeriesNumber = frame_uid, 3
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "P1", "Test^Patient", "19700101", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = \
+            "20260101", "120000", "1", "A1", ""
+        ds.Manufacturer = "test"
+        if image_type:
+            ds.ImageType = image_type
         ds.Modality, ds.InstanceNumber = "CT", instance_numbers[i]
         ds.Rows, ds.Columns = rows, cols
         ds.ImageOrientationPatient = [float(v) for v in (*geo["row"], *geo["col"])]
@@ -54,6 +62,24 @@ def write_series(folder, planes: np.ndarray, geo, names=None, instance_numbers=N
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
         ds.PixelData = planes[i].astype(np.uint16 if unsigned else np.int16).tobytes()
         pydicom.dcmwrite(folder / names[i], ds, enforce_file_format=True)
+    return series_uid
+
+
+AXIAL_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def nifti_as_series(nifti_path, folder, **kw):
+    """A real NIfTI CT (RAS-oriented, axial) written as an axial DICOM series of the same voxels and
+    geometry: DICOM column c runs to the patient's left (RAS x falls), row r to posterior (RAS y falls)."""
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.load(str(nifti_path)))
+    data = np.asarray(img.dataobj)
+    sx, sy, sz = (float(v) for v in img.header.get_zooms()[:3])
+    corner = AXIAL_RAS_TO_LPS @ img.affine @ [data.shape[0] - 1, data.shape[1] - 1, 0, 1]
+    geo = series_geometry(spacing=(sy, sx), dz=sz, origin=corner[:3])
+    planes = np.stack([data[::-1, ::-1, k].T for k in range(data.shape[2])])
+    return write_series(folder, (planes + 1024).astype(np.int16), geo, **kw), geo
 
 
 def phantom_ct(k=12, rows=40, cols=48, seed=0):

@@ -46,7 +46,9 @@ def test_series_reader_orders_by_position_and_builds_the_affine(tmp_path):
     hu, *_ = phantom_ct()
     write_series(tmp_path / "s", (hu + 1024).astype(np.int16), CORONAL,
                  names=[f"x{n:03d}" for n in np.random.default_rng(1).permutation(hu.shape[0])])
-    canon, img, slices = load_dicom_ct(tmp_path / "s")
+    canon, series = load_dicom_ct(tmp_path / "s")
+    img, slices = series.image, series.slices
+    assert series.left_out == []
     assert [s.position for s in slices] == sorted(s.position for s in slices)
     assert np.allclose(img.affine, expected_ras_affine(CORONAL))
     expected = to_canonical(nib.Nifti1Image(hu.transpose(2, 1, 0), expected_ras_affine(CORONAL)), "x")
@@ -162,3 +164,44 @@ def test_undecodable_compressed_series_is_a_clear_error(tmp_path):
         ds.save_as(p, enforce_file_format=True)
     with pytest.raises(InputDataError, match="cannot decode pixel data .*JPEG 2000.*Decompress the series"):
         load_dicom_ct(tmp_path / "s")
+
+
+def test_reformat_beside_the_slices_is_left_out_and_reported(tmp_path, capsys):
+    """A coronal reformat under the CT's SeriesInstanceUID (as scanners add, and tace-1720 has): the axial
+    majority is converted, the reformat named in the report, for every DICOM kind (here ircadb)."""
+    src = tmp_path / "src"
+    hu, liver, t1, t2 = _ircadb_patient(src / "3Dircadb1.1", geo=series_geometry())
+    ct = src / "3Dircadb1.1" / "PATIENT_DICOM"
+    uid = str(__import__("pydicom").dcmread(next(ct.iterdir())).SeriesInstanceUID)
+    write_series(ct, np.zeros((1, 12, 48), np.int16), CORONAL, names=["zz_reformat"], series_uid=uid,
+                 image_type=["DERIVED", "SECONDARY", "REFORMATTED"])
+    assert main(["convert", "ircadb", str(src), str(tmp_path / "ir.zarr")]) == 0
+    err = capsys.readouterr().err
+    assert "ircadb_0001: ignored structures: bone; left out zz_reformat: ImageOrientationPatient" in err
+    assert "REFORMATTED" in err
+    img, lab = case_arrays(tmp_path / "ir.zarr", "ircadb_0001")
+    assert img.shape[1] == hu.shape[0] and int((lab == 2).sum()) == int((t1 | t2).sum())
+
+
+def test_no_orientation_shared_by_most_files_is_refused(tmp_path):
+    from hpc_seg.errors import InputDataError
+
+    hu, *_ = phantom_ct(k=4)
+    write_series(tmp_path / "s", (hu + 1024).astype(np.int16)[:2], series_geometry(), series_uid="1.2.5")
+    write_series(tmp_path / "s", (hu + 1024).astype(np.int16)[:2], CORONAL, names=["c0", "c1"], series_uid="1.2.5")
+    with pytest.raises(InputDataError, match="no orientation is shared by most files"):
+        load_dicom_ct(tmp_path / "s")
+
+
+@pytest.mark.shared_data
+def test_real_tace_series_keeps_the_axial_slices():
+    """tace-1720: 52 axial slices and one coronal reformat with the same SeriesInstanceUID; two SEG
+    objects in the case folder around it."""
+    from tests.conftest import shared_path
+
+    canon, series = load_dicom_ct(shared_path("tace-1720"))
+    assert canon.data.shape == (52, 512, 512) and len(series.slices) == 52
+    assert canon.spacing[0] == pytest.approx(5.0) and canon.spacing[1] == pytest.approx(0.744, abs=1e-3)
+    names = sorted(x.split(":")[0] for x in series.left_out)
+    assert names == ["31_EQP_Ax5.00mm_ManualROI_Liver.dcm", "31_EQP_Ax5.00mm_ManualROI_Tumor.dcm", "dicom-00001.dcm"]
+    assert "REFORMATTED" in next(x for x in series.left_out if x.startswith("dicom-00001"))

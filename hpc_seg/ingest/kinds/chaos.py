@@ -60,7 +60,8 @@ def _masks(ground: Path, slices, shape_rc: tuple[int, int]) -> np.ndarray:
 
 
 def load(src: CaseSource, classes: list[str]):
-    ct, ref_img, slices = load_dicom_ct(src.image)
+    ct, series = load_dicom_ct(src.image)
+    ref_img, slices = series.image, series.slices
     rows, cols = int(slices[0].ds.Rows), int(slices[0].ds.Columns)
     stack = _masks(src.label, slices, (rows, cols)).transpose(1, 0, 2)  # as the image: (col, row, slice)
     import nibabel as nib
@@ -68,7 +69,8 @@ def load(src: CaseSource, classes: list[str]):
     label = to_canonical(nib.Nifti1Image(stack.astype(np.uint8), ref_img.affine), src.label).data
     meta = {"source": {"image": str(src.image), "label": str(src.label)},
             "affine_original": ct.affine_original.tolist(), "affine_canonical": ct.affine_canonical.tolist(),
-            "orientation": "RAS", "source_shape_xyz": list(ct.data.shape[::-1]), "spacing_unit": "millimeter"}
+            "orientation": "RAS", "source_shape_xyz": list(ct.data.shape[::-1]), "spacing_unit": "millimeter",
+            "notes": "; ".join(f"left out {x}" for x in series.left_out)}
     return ct.data[None], label, ct.spacing, meta
 
 

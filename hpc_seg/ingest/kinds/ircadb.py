@@ -74,7 +74,7 @@ def _structures(masks: Path) -> dict[str, Path]:
 
 
 def _mask(folder: Path, ref_img, where: Path) -> np.ndarray:
-    img, _ = read_series(folder, as_labels=True)
+    img = read_series(folder, as_labels=True).image
     if img.shape != ref_img.shape or not np.allclose(img.affine, ref_img.affine, atol=AFFINE_ATOL):
         raise InputDataError(folder, f"mask series geometry {img.shape} differs from the CT series {ref_img.shape} "
                                      f"in {where} (slice positions, orientation or spacing)")
@@ -85,7 +85,8 @@ def load(src: CaseSource, classes: list[str]):
     if src.label is None:
         raise InputDataError(src.image.parent, "no MASKS_DICOM (folder or .zip) beside PATIENT_DICOM")
     with _unzipped(src.image, "PATIENT_DICOM") as ct_dir, _unzipped(src.label, "MASKS_DICOM") as mask_dir:
-        ct, ref_img, _ = load_dicom_ct(ct_dir)
+        ct, series = load_dicom_ct(ct_dir)
+        ref_img = series.image
         structures = _structures(mask_dir)
         if "liver" not in {k.lower() for k in structures}:
             raise InputDataError(src.label, f"no 'liver' mask among {sorted(structures)}")
@@ -105,7 +106,8 @@ def load(src: CaseSource, classes: list[str]):
             "affine_original": ct.affine_original.tolist(), "affine_canonical": ct.affine_canonical.tolist(),
             "orientation": "RAS", "source_shape_xyz": list(ct.data.shape[::-1]), "spacing_unit": "millimeter",
             "structures_used": used, "structures_ignored": ignored,
-            "notes": f"ignored structures: {', '.join(ignored)}" if ignored else ""}
+            "notes": "; ".join(([f"ignored structures: {', '.join(ignored)}"] if ignored else [])
+                               + [f"left out {x}" for x in series.left_out])}
     return ct.data[None], label, ct.spacing, meta
 
 
