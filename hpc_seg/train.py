@@ -56,6 +56,9 @@ def run(args) -> int:
 
         print(json.dumps(deepspeed_config(cfg, detect_env().world_size), indent=2))
         return 0
+    from hpc_seg.training.tracking import require_mlflow
+
+    require_mlflow(cfg)  # tracking.mlflow without mlflow installed: one line before anything starts
     ensure_data(cfg)
     nproc = args.nproc or cfg.train.processes
     from hpc_seg.distributed.env import detect_env

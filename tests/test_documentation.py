@@ -53,7 +53,7 @@ def test_named_tests_exist(page):
 
 @pytest.mark.parametrize("page", PAGES, ids=PAGE_ID)
 def test_named_config_keys_exist(page):
-    for key in re.findall(r"`((?:train|deepspeed|data|model|loss|checkpoint|slurm|inference)\.\w+)(?::[^`]*)?`",
+    for key in re.findall(r"`((?:train|deepspeed|data|model|loss|checkpoint|slurm|inference|tracking)\.\w+)(?::[^`]*)?`",
                           page.read_text()):
         assert key in CONFIG_KEYS or key in CODE_NAMES, f"{page.name} names config key {key}, which the schema lacks"
 

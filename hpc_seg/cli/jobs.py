@@ -61,7 +61,7 @@ def cmd_status(args) -> int:
 def expand_request(args) -> tuple[str | None, list]:
     """(grid name or None, [GridPoint]) for the config or grid named on the command line: a grid
     expands to one point per combination of its axes, a config is one point."""
-    from hpc_seg.jobs.grid import GridPoint, expand_grid, is_grid, load_grid
+    from hpc_seg.jobs.grid import GridPoint, expand_grid, is_grid, load_grid, point_overrides
     from hpc_seg.jobs.submit import absolute_paths, load_launch_config
 
     root = Path(args.run_root).resolve()
@@ -71,7 +71,7 @@ def expand_request(args) -> tuple[str | None, list]:
     name, base, axes = load_grid(args.config)
     points = []
     for point, overrides in expand_grid(axes):
-        cfg = absolute_paths(load_launch_config(base, overrides + args.overrides + [f"name={name}-{point}"],
+        cfg = absolute_paths(load_launch_config(base, overrides + args.overrides + point_overrides(name, point),
                                                 args.site))
         points.append(GridPoint(point, cfg, root / name / point))
     return name, points

@@ -6,14 +6,14 @@ from pathlib import Path
 
 from hpc_seg.config.loader import apply_overrides, from_dict, read_yaml, rename_former_keys, to_dict
 from hpc_seg.config.schema import (AugmentConfig, CheckpointConfig, Config, DataConfig, DeepSpeedConfig,
-                                   LossConfig, ModelConfig, TrainConfig)
+                                   LossConfig, ModelConfig, TrackingConfig, TrainConfig)
 from hpc_seg.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped as package data
 
 __all__ = [
     "AugmentConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig",
-    "LossConfig", "ModelConfig", "TrainConfig",
+    "LossConfig", "ModelConfig", "TrackingConfig", "TrainConfig",
     "CONFIG_DIR", "load_config", "resolve_config_path", "to_dict", "load_raw",
 ]
 

@@ -254,6 +254,27 @@ class InferenceConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """MLflow experiment tracking from rank 0 (docs/tracking.md): the config as params, train and
+    validation metrics with their step, the final metrics; one MLflow run per run directory, kept
+    across requeues and resumes. A config key set here wins over MLflow's environment variables."""
+
+    mlflow: bool = False
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db in the cwd)
+    experiment: Optional[str] = None  # None: $MLFLOW_EXPERIMENT_NAME, else tracking.grid, else the config's name
+    run_name: Optional[str] = None  # None: the config's name (grid points: their point name, set by submit)
+    grid: Optional[str] = None  # set by `hpc-seg submit` on grid points: the grid's name
+    retry_s: float = 60.0  # an unreachable tracking store is tried again at most this often
+
+    def check(self) -> None:
+        if self.retry_s <= 0:
+            raise ValueError(f"tracking.retry_s must be > 0, got {self.retry_s}")
+        for key in ("uri", "experiment", "run_name", "grid"):
+            if getattr(self, key) == "":
+                raise ValueError(f"tracking.{key} must not be empty (leave it unset for the default)")
+
+
+@dataclass
 class Config:
     """Top-level config; ``name`` labels runs and reports."""
 
@@ -266,6 +287,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self) -> None:
         """Constraints across sections."""

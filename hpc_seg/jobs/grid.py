@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,13 @@ def load_grid(path: str | Path) -> tuple[str, Path, dict[str, list]]:
 def _short(key: str, value) -> str:
     text = f"{key.split('.')[-1]}={value}"
     return re.sub(r"[^A-Za-z0-9_.=+-]", "", text)
+
+
+def point_overrides(grid: str, point: str) -> list[str]:
+    """The ``--set`` overrides that make a config a point of ``grid``: its name (``GRID-POINT``),
+    and for MLflow the grid as the default experiment and the point as the run name (quoted: a
+    name YAML would read as a number stays a string)."""
+    return [f"name={grid}-{point}", f"tracking.grid={json.dumps(grid)}", f"tracking.run_name={json.dumps(point)}"]
 
 
 def expand_grid(axes: dict[str, list]) -> list[tuple[str, list[str]]]:

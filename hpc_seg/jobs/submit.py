@@ -13,6 +13,7 @@ from hpc_seg.config import Config, load_raw, resolve_config_path, to_dict
 from hpc_seg.config.loader import apply_overrides, from_dict, read_yaml
 from hpc_seg.storage.location import is_file, is_remote, join
 from hpc_seg.ingest.prepare import is_prepared, prepare_command
+from hpc_seg.training.tracking import missing_mlflow
 from hpc_seg.errors import ConfigError
 
 SHIPPED_SITE = Path(__file__).resolve().parent / "site.yaml"
@@ -107,6 +108,8 @@ def check_request(cfg: Config, run_dir: Path) -> list[str]:
         problems.append("deepspeed.precision fp16 on a CPU-only request: use bf16 or fp32, or ask for GPUs")
     if s.timeout_min * 60 <= s.signal_delay_s:
         problems.append(f"slurm.time {s.time} leaves no time before the USR2 signal ({s.signal_delay_s}s)")
+    if problem := missing_mlflow(cfg):
+        problems.append(problem)
     return problems
 
 

@@ -1,5 +1,5 @@
 """Run-directory logging on rank 0: metrics JSONL (one object per line, flushed), optional
-TensorBoard, and a rich progress bar."""
+TensorBoard, optional MLflow tracking (``hpc_seg.training.tracking``), and a rich progress bar."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from pathlib import Path
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False):
+    """Args:
+        run_dir: the run directory.
+        enabled: this rank writes (rank 0).
+        tensorboard: also write TensorBoard events.
+        cfg: the config; ``tracking.mlflow: true`` also sends the records to MLflow.
+        resume: the trainer was asked to resume (the MLflow run recorded in the run directory goes on).
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False, cfg=None, resume: bool = False):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
@@ -20,6 +28,13 @@ class RunLog:
             except ImportError as exc:  # tensorboard is an optional extra
                 raise RuntimeError("train.tensorboard: true needs the 'tensorboard' package installed") from exc
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.tracker = None
+        if cfg is not None and cfg.tracking.mlflow:
+            from hpc_seg.training.tracking import Tracker, require_mlflow
+
+            require_mlflow(cfg)  # on every rank: all stop with the same one-line error
+            if enabled:
+                self.tracker = Tracker(cfg, run_dir, resume)
         self.progress = self.task = None
 
     def write(self, record: dict) -> None:
@@ -38,6 +53,13 @@ class RunLog:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "time", "epoch"):
                     self.tb.add_scalar(f"{record.get('type', 'train')}/{k}", v, record.get("step", 0))
+        if self.tracker is not None:
+            self.tracker.log_record(record)
+
+    def final(self, summary: dict) -> None:
+        """The run's final summary (``final.json``), for the trackers that keep one."""
+        if self.tracker is not None:
+            self.tracker.log_final(summary)
 
     def start_progress(self, total: int, done: int) -> None:
         if not self.enabled:
@@ -59,3 +81,6 @@ class RunLog:
             self.progress = None
         if self.tb is not None:
             self.tb.close()
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None

@@ -107,7 +107,7 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, tr), config=self.ds_config)
         self._buffers_cast = match_buffer_dtypes(self.engine.module)
         self.loss_fn = build_loss(cfg.loss, check_range=False).to(self.device)  # checked on the CPU batch
-        self.log = RunLog(self.run_dir, self.env.is_main, tr.tensorboard)
+        self.log = RunLog(self.run_dir, self.env.is_main, tr.tensorboard, cfg, resume=self.resume is not None)
         self._write_run_files()
         self.log.write(self._startup_record())
         if source is not None:
@@ -417,10 +417,11 @@ class Trainer:
         if self._saved_step != self.step:
             self.save()
         if self.env.is_main:
-            atomic_write_json(self.run_dir / "final.json", {
-                "step": self.step, "epoch": self.epoch, "best": self.best,
-                "last_validation": self.history[-1] if self.history else None,
-                "world_size": self.env.world_size, "code_version": code_version()})
+            final = {"step": self.step, "epoch": self.epoch, "best": self.best,
+                     "last_validation": self.history[-1] if self.history else None,
+                     "world_size": self.env.world_size, "code_version": code_version()}
+            atomic_write_json(self.run_dir / "final.json", final)
+            self.log.final(final)
         return EXIT_OK
 
     def close(self) -> None:
