@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import yaml
 
 from hpc_seg.cli import main
 from hpc_seg.evaluation.inference import predict_probs
@@ -64,6 +65,40 @@ def test_onnx_predicts_the_labels_of_the_pytorch_export_on_a_real_ct(exports, tm
     assert gap < 1e-4, gap
 
 
+BLOCK = """import runpy, sys
+class Block:  # the docs' promise: onnxruntime, numpy, scipy and nibabel only
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "hpc_seg", "deepspeed", "zarr"):
+            raise ImportError(f"{name} is not available to this user")
+sys.meta_path.insert(0, Block())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("settings", [None, {"tta": True, "postprocess": True}])
+def test_the_docs_example_segments_like_predict_without_torch(exports, tmp_path, settings):
+    model = exports / "m.onnx"
+    if settings:  # the same graph with other inference settings in its metadata
+        proto = onnx.load(str(model))
+        props = {p.key: p.value for p in proto.metadata_props}
+        config = yaml.safe_load(props["hpc_seg.config"])
+        config["inference"] = settings
+        onnx.helper.set_model_props(proto, {**props, "hpc_seg.inference": json.dumps(settings),
+                                            "hpc_seg.config": yaml.safe_dump(config)})
+        model = tmp_path / "m.onnx"
+        onnx.save(proto, str(model))
+    ours, theirs = tmp_path / "hpc_seg.nii.gz", tmp_path / "example.nii.gz"
+    assert main(["predict", str(model), str(CT), "--out", str(ours), "--cpu"]) == 0
+    r = subprocess.run([sys.executable, "-c", BLOCK, str(ROOT / "examples" / "onnx_predict.py"), str(model), str(CT),
+                        str(theirs)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = nib.load(ours), nib.load(theirs)
+    la, lb = np.asarray(a.dataobj), np.asarray(b.dataobj)
+    assert la.shape == lb.shape and np.allclose(a.affine, b.affine) and np.unique(la).size > 1
+    assert (la == lb).mean() >= 0.9999, (la == lb).mean()
+
+
 def test_predict_from_onnx_imports_no_deepspeed(exports, tmp_path):
     code = ("import sys\nfrom hpc_seg.cli import main\n"
             f"assert main(['predict', {str(exports / 'm.onnx')!r}, {str(CT)!r}, '--out', "
@@ -94,10 +129,13 @@ def test_bad_onnx_files_are_refused_in_one_line(exports, tmp_path, capsys):
     _rewrite(exports / "m.onnx", old, hpc_seg__plan=json.dumps({**plan, "version": 0}), hpc_seg__plan_version="0")
     mixed = tmp_path / "mixed.onnx"
     _rewrite(exports / "m.onnx", mixed, hpc_seg__plan=json.dumps({**plan, "version": 0}))
+    settings = tmp_path / "settings.onnx"
+    _rewrite(exports / "m.onnx", settings, hpc_seg__inference=json.dumps({"tta": True, "postprocess": True}))
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
     for path, words in ((bare, "without hpc-seg's preprocessing plan"), (old, "plan version 0"),
                         (mixed, "metadata says plan version 1"),
+                        (settings, "disagrees with the embedded config's inference section"),
                         (junk, "not a readable ONNX model")):
         assert main(["predict", str(path), str(CT), *out]) == 2
         err = capsys.readouterr().err
