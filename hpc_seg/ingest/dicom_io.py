@@ -31,6 +31,7 @@ from hpc_seg.errors import InputDataError
 
 ORIENT_ATOL = 1e-4
 SPACING_ATOL = 1e-3  # mm
+SHEAR_MM = 0.5  # in-plane drift of the last slice from the first tolerated (rounding in positions)
 
 
 # Objects that share a series folder with the images but are not slices of the volume.
@@ -174,7 +175,20 @@ def _ordered(folder: Path, datasets: list, normal: np.ndarray, left_out: list[st
                                      f"and {slices[k + 1].path.name} ({slices[k + 1].position:.2f} mm), expected "
                                      f"{dz:.2f} mm: a missing slice?"
                                      + (f" (left out: {'; '.join(left_out)})" if left_out else ""))
+    _check_stacked(folder, slices, normal)
     return slices, dz
+
+
+def _check_stacked(folder: Path, slices: list[Slice], normal: np.ndarray) -> None:
+    """The affine stacks slices along their normal; a series whose positions drift in-plane (gantry
+    tilt) would be sheared, so it is refused rather than misplaced."""
+    first, last = (np.array([float(v) for v in s.ds.ImagePositionPatient]) for s in (slices[0], slices[-1]))
+    along = last - first
+    drift = float(np.linalg.norm(along - np.dot(along, normal) * normal))
+    if drift > SHEAR_MM:
+        raise InputDataError(folder, f"slices are not stacked along their normal: {slices[-1].path.name} lies "
+                                     f"{drift:.1f} mm off in-plane from {slices[0].path.name} (gantry tilt?); "
+                                     "resample the series to an orthogonal grid first")
 
 
 def _decoded(s: Slice) -> np.ndarray:

@@ -205,3 +205,19 @@ def test_real_tace_series_keeps_the_axial_slices():
     names = sorted(x.split(":")[0] for x in series.left_out)
     assert names == ["31_EQP_Ax5.00mm_ManualROI_Liver.dcm", "31_EQP_Ax5.00mm_ManualROI_Tumor.dcm", "dicom-00001.dcm"]
     assert "REFORMATTED" in next(x for x in series.left_out if x.startswith("dicom-00001"))
+
+
+def test_gantry_tilt_is_refused_not_sheared(tmp_path):
+    import pydicom
+
+    from hpc_seg.errors import InputDataError
+
+    hu, *_ = phantom_ct()
+    write_series(tmp_path / "s", (hu + 1024).astype(np.int16), series_geometry())
+    for f in (tmp_path / "s").iterdir():  # each slice 0.4 mm further along y than the last: a tilted gantry
+        ds = pydicom.dcmread(f)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + 0.4 * (z - 40.0) / 2.5, z]
+        ds.save_as(f)
+    with pytest.raises(InputDataError, match=r"not stacked along their normal: .* 4\.4 mm off in-plane .*gantry tilt"):
+        load_dicom_ct(tmp_path / "s")
