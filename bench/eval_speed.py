@@ -327,7 +327,7 @@ def real_score_case(ctx, cid, timer):
     c = ctx
     with timer("total"):
         return _score_case(c["root"]["cases"][cid], cid, c["model"], c["plan"], c["metrics"], c["lut"], c["index"],
-                           c["info"], c["device"], c["amp"], c["tta"], True, None)[0]
+                           c["info"], c["device"], c["amp"], c["tta"], True, None)[0]["per_class"]
 
 
 def summary(args, ctx, runs: dict, prepare_s: float) -> dict:

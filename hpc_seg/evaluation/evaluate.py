@@ -13,6 +13,9 @@ Whole cases from the Zarr store, slice-wise inference, metrics over the whole ev
 (``SegmentationMetrics``) plus per-case LiTS figures (Dice, IoU, VOE, RVD, ASSD, MSSD in mm).
 Argmax and the PR histogram run on the device the model runs on (GPU or CPU, the same code):
 only uint8 labels and small count vectors reach the host (docs/evaluation.md).
+Liver-tumour models also get lesion detection (``lesions``: pooled; ``per_case[].lesions``) and
+volumes predicted vs reference (``per_case[].volumes_ml``) on cases that mark their tumours
+(``hpc_seg.metrics.lesions``, ``hpc_seg.metrics.volumes``).
 Writes ``OUT/metrics.json`` (``mean_iou``, ``per_class``, ``per_case``, …), ``OUT/per_case.csv``,
 ``OUT/pr_curve.png``, ``OUT/overlays.png`` (worst/median/best case) and, from a run directory,
 ``OUT/training_curves.png``; prints a rich table and the throughput (volumes/s).
@@ -37,6 +40,8 @@ from hpc_seg.evaluation.inference import predict_labels
 from hpc_seg.evaluation.model_io import device_and_dtype, inference_settings, load_for_eval
 from hpc_seg.evaluation.predict import save_case_prediction
 from hpc_seg.metrics import SegmentationMetrics, plot_pr_curve
+from hpc_seg.metrics.lesions import case_lesions, sum_lesions
+from hpc_seg.metrics.volumes import volume_errors
 from hpc_seg.models import count_parameters
 from hpc_seg.storage.atomic import atomic_write_json, atomic_write_text
 
@@ -74,7 +79,10 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
     seconds = time.perf_counter() - t0
     res = metrics.compute()
     for row in res["per_case"]:
-        row["per_class"] = extra[row["case"]]
+        row.update(extra[row["case"]])
+    scored = [extra[c]["lesions"] for c in cases if "lesions" in extra[c]]
+    if scored:
+        res["lesions"] = sum_lesions(scored)
     res.update({"source": str(source), "store": store.path, "split": split, "cases": len(cases),
                 "seconds": seconds, "volumes_per_s": len(cases) / seconds, "device": str(device), "runtime": getattr(model, "provider", "torch"),
                 "tta": tta, "postprocess": postprocess, "model": cfg.model.name, "size": cfg.model.size,
@@ -101,10 +109,22 @@ def _score_case(g, cid: str, model, plan, metrics: SegmentationMetrics, lut: np.
     label = lut.astype(np.uint8)[g["label"][...]]  # read after the prediction: nothing before it depends on it
     metrics.add_labels(torch.from_numpy(labels)[None], torch.from_numpy(label)[None], case_ids=[cid],
                        label_maps=torch.tensor([lmap]), pr_counts=pred.pr_counts(label, metrics.pr_class))
-    figures = case_metrics(np.asarray(lmap, np.uint8)[labels], label, index["cases"][cid]["stats"]["spacing"],
-                           names, annotated=set(lmap))
+    spacing = index["cases"][cid]["stats"]["spacing"]
+    figures = {"per_class": case_metrics(np.asarray(lmap, np.uint8)[labels], label, spacing, names,
+                                         annotated=set(lmap))}
+    figures.update(_lesion_figures(labels, label, spacing, names, set(lmap)))
     z = int(np.argmax((label > 0).sum(axis=(1, 2)))) if label.any() else label.shape[0] // 2
     return figures, (z, image[:, z], label[z], labels[z])  # one slice per case for the overlays, not volumes
+
+
+def _lesion_figures(labels: np.ndarray, label: np.ndarray, spacing, names: list[str], annotated: set[int]) -> dict:
+    """Lesion detection and volumes of a liver-tumour case that marks its tumours (a case that marks
+    liver only cannot say which predicted tumour is false: it gets none)."""
+    if "tumour" not in names or "liver" not in names or names.index("tumour") not in annotated:
+        return {}
+    t = names.index("tumour")
+    return {"lesions": case_lesions(labels == t, label == t, spacing),
+            "volumes_ml": volume_errors(labels, label, spacing, names)}
 
 
 def _write(out: Path, res: dict, shown: dict, names: list[str], source) -> None:
@@ -142,5 +162,10 @@ def print_summary(res: dict) -> None:
     t.add_row("mean", fmt(res["mean_iou"]), fmt(res["mean_dice"]), "", "", "")
     t.add_row("mean (fg)", fmt(res["mean_iou_foreground"]), fmt(res["mean_dice_foreground"]), "", "", "")
     Console().print(t)
+    if res.get("lesions"):
+        les = res["lesions"]
+        Console().print(f"lesions: {les['detected']}/{les['reference']} detected (recall {fmt(les['recall'])}), "
+                        f"precision {fmt(les['precision'])}, {les['false_positives']} false positive(s); "
+                        f"IoU ≥ 0.5: recall {fmt(les['recall_iou50'])}, precision {fmt(les['precision_iou50'])}")
     if res.get("note"):
         Console().print(f"[yellow]note:[/] {res['note']}")

@@ -37,3 +37,15 @@ def case_volumes(labels: np.ndarray, spacing_zyx, classes: list[str]) -> dict:
     elif "liver" in classes:
         out["liver_ml"] = round(float(counts[classes.index("liver")]) * voxel_ml, 4)
     return out
+
+
+def volume_errors(pred: np.ndarray, ref: np.ndarray, spacing_zyx, classes: list[str]) -> dict:
+    """Whole liver, tumour (ml) and tumour burden, predicted vs reference, with the absolute error."""
+    p, r = case_volumes(pred, spacing_zyx, classes), case_volumes(ref, spacing_zyx, classes)
+    out = {}
+    for key in ("liver_ml", "tumour_ml", "tumour_burden"):
+        if key in p:
+            a, b = p[key], r[key]
+            out[key] = {"predicted": a, "reference": b,
+                        "abs_error": None if a is None or b is None else round(abs(a - b), 5)}
+    return out

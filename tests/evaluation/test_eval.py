@@ -209,3 +209,30 @@ def test_predict_with_and_without_probabilities_writes_the_same_labels(trained, 
     assert main(["predict", str(model), str(src), "--out", str(probs), "--cpu", "--probs", str(tmp_path / "p.zarr")]) == 0
     a, b = np.asarray(nib.load(plain).dataobj), np.asarray(nib.load(probs).dataobj)
     assert np.array_equal(a, b) and a.any()
+
+
+def test_lesion_figures_and_volumes_in_metrics_json(trained, phantom_store, phantom_dir, tmp_path):
+    """``lesions`` (pooled and per case) and ``volumes_ml`` agree with the saved predictions and the
+    reference files: components counted again, millilitres from the NIfTI headers."""
+    from hpc_seg.metrics.lesions import sum_lesions
+    from hpc_seg.metrics.volumes import components
+
+    out = tmp_path / "e"
+    assert main(["evaluate", str(trained[2]), "--data", str(phantom_store), "--split", "all", "--out", str(out),
+                 "--cpu", "--tag", "latest", "--save-predictions", "--no-postprocess"]) == 0
+    res = json.loads((out / "metrics.json").read_text())
+    rows = res["per_case"]
+    assert res["lesions"] == sum_lesions([r["lesions"] for r in rows])
+    assert res["lesions"]["reference"] > 0 and res["lesions"]["cases"] == len(rows)
+    for row in rows:
+        n = int(row["case"].split("_")[-1])
+        pred = nib.load(out / "predictions" / f"{row['case']}.nii.gz")
+        ref = np.asarray(nib.load(phantom_dir / f"segmentation-{n}.nii.gz").dataobj)
+        ml = float(np.prod(pred.header.get_zooms()[:3])) / 1000
+        p = np.asarray(pred.dataobj)
+        assert row["lesions"]["reference"] == components(ref == 2)[1]
+        assert row["lesions"]["predicted"] == components(p == 2)[1]
+        vol = row["volumes_ml"]
+        assert vol["tumour_ml"]["predicted"] == pytest.approx((p == 2).sum() * ml, abs=1e-3)
+        assert vol["liver_ml"]["reference"] == pytest.approx((ref >= 1).sum() * ml, abs=1e-3)
+        assert vol["liver_ml"]["abs_error"] == pytest.approx(abs((p >= 1).sum() - (ref >= 1).sum()) * ml, abs=1e-3)
