@@ -38,6 +38,7 @@ from hpc_seg.evaluation.case_metrics import case_metrics
 from hpc_seg.evaluation.inference import postprocess as liver_postprocess
 from hpc_seg.evaluation.inference import predict_labels
 from hpc_seg.evaluation.model_io import device_and_dtype, inference_settings, load_for_eval
+from hpc_seg.evaluation.onnx_io import OnnxModel
 from hpc_seg.evaluation.predict import save_case_prediction
 from hpc_seg.metrics import SegmentationMetrics, plot_pr_curve
 from hpc_seg.metrics.lesions import case_lesions, sum_lesions
@@ -86,11 +87,16 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
     res.update({"source": str(source), "store": store.path, "split": split, "cases": len(cases),
                 "seconds": seconds, "volumes_per_s": len(cases) / seconds, "device": str(device), "runtime": getattr(model, "provider", "torch"),
                 "tta": tta, "postprocess": postprocess, "model": cfg.model.name, "size": cfg.model.size,
-                "overrides": cfg.model.overrides, "params": count_parameters(model),
+                "overrides": cfg.model.overrides, "params": _params(model),
                 "name": cfg.name, "plan": plan.to_dict(), "store_classes": list(info["classes"]),
                 "note": merged_note(plan, info["classes"])})
     _write(out, res, shown, names, source)
     return res
+
+
+def _params(model) -> int | None:
+    """Trainable parameters; None for an ONNX graph (its initialisers mix weights and BatchNorm statistics)."""
+    return None if isinstance(model, OnnxModel) else count_parameters(model)
 
 
 def _score_case(g, cid: str, model, plan, metrics: SegmentationMetrics, lut: np.ndarray, index: dict, info: dict,

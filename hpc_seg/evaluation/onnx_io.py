@@ -5,9 +5,9 @@
 
 One self-contained file: the weights are initialisers of the graph (no external ``.data`` file: the
 models are far below protobuf's 2 GB limit), written by PyTorch's TorchScript exporter
-(``dynamo=False``: it needs no ``onnxscript``), opset 17. The batch dimension is dynamic; the spatial
-size is the plan's model input size, to which the plan resizes every slice (TransUNet's position
-embeddings fix it too). The model properties carry what turns a CT into model input and logits back
+(``dynamo=False``: it needs no ``onnxscript``), opset 17. The batch dimension is dynamic, and height
+and width too where the model pads to a multiple (``spatial_multiple``); hpc-seg feeds the plan's
+model input size, to which the plan resizes every slice. The model properties carry what turns a CT into model input and logits back
 into labels: ``hpc_seg.plan`` (the preprocessing plan, JSON), ``hpc_seg.plan_version``,
 ``hpc_seg.inference`` (TTA and post-processing settings), ``hpc_seg.config`` (YAML) and
 ``hpc_seg.version``; ``InferenceSession.get_modelmeta().custom_metadata_map`` reads them back.
@@ -58,20 +58,33 @@ def export_onnx(model: torch.nn.Module, cfg: Config, plan: PreprocessingPlan, ou
     import onnx
 
     example = torch.zeros(1, plan.in_channels, *plan.size)
+    multiple = spatial_multiple(model, plan)
+    axes = {0: "batch", 2: "height", 3: "width"} if multiple else {0: "batch"}
     buf = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice, not the user's concern
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (example,), buf, dynamo=False, opset_version=OPSET,
                           input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+                          dynamic_axes={INPUT: axes, OUTPUT: axes})
     proto = onnx.load_from_string(buf.getvalue())
     onnx.helper.set_model_props(proto, {
         "hpc_seg.plan": plan.to_json(), "hpc_seg.plan_version": str(PLAN_VERSION),
         "hpc_seg.inference": json.dumps(to_dict(cfg.inference)),
-        "hpc_seg.config": yaml.safe_dump(to_dict(cfg), sort_keys=False), "hpc_seg.version": __version__})
+        "hpc_seg.config": yaml.safe_dump(to_dict(cfg), sort_keys=False), "hpc_seg.version": __version__,
+        "hpc_seg.size_multiple": str(multiple or 0)})
     proto.producer_name, proto.producer_version = "hpc-seg", __version__
     onnx.checker.check_model(proto)
     return atomic_write_bytes(out, proto.SerializeToString())
+
+
+def spatial_multiple(model: torch.nn.Module, plan: PreprocessingPlan) -> int | None:
+    """The multiple of which heights and widths stay dynamic in the graph, or None (fixed at the plan's
+    size): models that pad to a multiple (UNet++, UNet_ASPP) trace one graph for every size that
+    needs no padding, when the plan's size is such a size; TransUNet's position embeddings fix it."""
+    multiple = getattr(model, "size_multiple", None)
+    if multiple and all(int(s) % multiple == 0 for s in plan.size):
+        return int(multiple)
+    return None
 
 
 class OnnxModel(torch.nn.Module):
@@ -139,7 +152,8 @@ def _check_io(session, plan: PreprocessingPlan, source: Path) -> None:
     ins, outs = session.get_inputs(), session.get_outputs()
     dims = [int(s) if isinstance(s, (int, np.integer)) else s for s in ins[0].shape[1:]]
     want = [plan.in_channels, *plan.size]
-    if ins[0].name != INPUT or dims != want:
+    fits = all(d == w or (i > 0 and isinstance(d, str)) for i, (d, w) in enumerate(zip(dims, want)))
+    if ins[0].name != INPUT or len(dims) != len(want) or not fits:
         raise PlanError(f"{source}: the graph takes {ins[0].name} {dims}, its preprocessing plan makes {INPUT} {want}")
     if outs[0].name != OUTPUT or outs[0].shape[1] != plan.out_channels:
         raise PlanError(f"{source}: the graph gives {outs[0].name} with {outs[0].shape[1]} channels, its plan reads "

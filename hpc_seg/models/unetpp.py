@@ -34,6 +34,12 @@ class NestedUNet(nn.Module):
     depth = 5
     block = DoubleConv
 
+    @property
+    def size_multiple(self) -> int:
+        """Heights and widths that are multiples of this need no padding: the graph is the same for
+        all of them (so an ONNX export can take any such size)."""
+        return 2 ** (self.depth - 1)
+
     def __init__(self, in_channels: int = 1, num_classes: int = 3, filters=(32, 64, 128, 256, 512),
                  deep_supervision: bool = False):
         super().__init__()

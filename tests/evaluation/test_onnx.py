@@ -203,3 +203,34 @@ def test_a_graph_that_does_not_fit_its_plan_is_refused(tmp_path):
                        tmp_path / "m.onnx")  # a 3-channel graph beside a one-logit plan
     with pytest.raises(PlanError, match="channels"):
         load_onnx(path, prefer_gpu=False)
+
+
+@pytest.mark.parametrize("name,size,dynamic", [("unetpp", 48, True), ("unet_aspp", 48, True),
+                                               ("unet_aspp", 40, False), ("transunet", 48, False)])
+def test_spatial_sizes_dynamic_where_the_architecture_allows(name, size, dynamic, tmp_path):
+    """UNet++/UNet_ASPP pad to a multiple of 16: a plan size that is one traces a graph for every such
+    size (checked against torch at 64×96); otherwise, and for TransUNet, the plan's size is fixed."""
+    import dataclasses
+
+    import torch
+
+    from hpc_seg.config import load_config
+    from hpc_seg.evaluation.onnx_io import export_onnx, load_onnx
+    from hpc_seg.models import build_from_config
+
+    plan = dataclasses.replace(_plan(False, False), size=(size, size))
+    cfg = load_config(None, [f"model.name={name}", "model.size=tiny", "model.pretrained=null"])
+    torch.manual_seed(0)
+    model = build_from_config(cfg, plan, pretrained=False).eval()
+    path = export_onnx(model, cfg, plan, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["hpc_seg.size_multiple"] == ("16" if dynamic else "0")
+    assert session.get_inputs()[0].shape[2:] == (["height", "width"] if dynamic else [size, size])
+    load_onnx(path, prefer_gpu=False)  # the plan check accepts a dynamic graph
+    if dynamic:
+        x = torch.randn(2, plan.in_channels, 64, 96)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = session.run(None, {"image": x.numpy()})[0]
+        assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-4
