@@ -17,6 +17,8 @@ import onnxruntime as ort
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 from scipy import ndimage
 
+PLAN_VERSION = 1  # the plan layout this script reads (hpc_seg/preprocessing/plan.py PLAN_VERSION)
+
 
 def resize_matrix(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
     """(n_out, n_in) weights of PyTorch's bilinear resize (align_corners=False): a triangle filter,
@@ -72,7 +74,12 @@ def largest_liver(labels: np.ndarray, classes: list) -> np.ndarray:
 def main(model_path: str, ct_path: str, out_path: str) -> None:
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
-    plan, settings = json.loads(meta["hpc_seg.plan"]), json.loads(meta["hpc_seg.inference"])
+    if "hpc_seg.plan" not in meta:
+        sys.exit(f"{model_path}: no hpc-seg preprocessing plan in its metadata (not an 'hpc-seg export')")
+    plan = json.loads(meta["hpc_seg.plan"])
+    if plan.get("version") != PLAN_VERSION:
+        sys.exit(f"{model_path}: preprocessing plan version {plan.get('version')}; this script reads {PLAN_VERSION}")
+    settings = {"tta": False, "postprocess": False, **json.loads(meta.get("hpc_seg.inference", "{}"))}
     img = nib.load(ct_path)
     canon = nib.as_closest_canonical(img)
     volume = np.rint(np.asanyarray(canon.dataobj)).transpose(2, 1, 0)  # RAS, (Z, Y, X)

@@ -139,7 +139,8 @@ def load_onnx(source: str | Path, prefer_gpu: bool = True) -> tuple[OnnxModel, C
                         f"plan is version {plan_dict.get('version')}; export it again with this hpc-seg")
     plan = PreprocessingPlan.from_dict(plan_dict, source=f"{source} (embedded plan)")
     cfg = from_dict(Config, rename_former_keys(Config, raw_cfg, warn=False), source=f"{source} (embedded config)")
-    if "hpc_seg.inference" in meta and json.loads(meta["hpc_seg.inference"]) != to_dict(cfg.inference):
+    stated = json.loads(meta.get("hpc_seg.inference", "{}"))
+    if any(to_dict(cfg.inference).get(k, v) != v for k, v in stated.items()):  # keys a later version adds are no conflict
         raise PlanError(f"{source}: metadata hpc_seg.inference {meta['hpc_seg.inference']} disagrees with the embedded "
                         f"config's inference section {json.dumps(to_dict(cfg.inference))}; export it again")
     _check_io(session, plan, source)

@@ -9,7 +9,7 @@ reoriented to RAS for the model, and the label map (the model's class indices; L
 affine and header** (uint8), a DICOM-SEG references the series' own slices. Any voxel spacing is
 accepted: slices are resized to the model's input size exactly as in training. ``--probs FILE.zarr``
 also stores the class probabilities (float16, (K, Z, Y, X) in RAS order, one chunk per slice).
-Post-processing follows the model's class names (``inference.postprocess``). ``OUT``'s stem + ``.json``
+Post-processing follows the model's class names (``inference.postprocess``). ``OUT`` + ``.json``
 holds the volumes (``hpc_seg.metrics.volumes``). An existing output is refused without ``overwrite``.
 A folder of cases is ``hpc_seg.evaluation.batch``.
 """
@@ -25,6 +25,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
+from hpc_seg import __version__
 from hpc_seg.errors import HpcSegError, InputDataError
 from hpc_seg.evaluation.inference import postprocess as liver_postprocess
 from hpc_seg.evaluation.inference import predict_labels, predict_probs
@@ -125,12 +126,34 @@ def read_input(path: str | Path, series_uid: str | None = None) -> CaseInput:
     else:
         if series_uid is not None:
             raise InputDataError(path, "--series picks a series of a DICOM folder; this is a file")
+        if _is_dicom_file(path):
+            raise InputDataError(path, "one DICOM file is one slice: pass the folder that holds the whole series")
         img = load_nifti(path)
         canon = to_canonical(img, path)
         canon.data = ct_to_int16(canon.data, path)
         case = CaseInput(path, canon, np.asarray(img.affine), img.shape, img.header)
     require_hu(case.canon.data, path)
     return case
+
+
+def _is_dicom_file(path: Path) -> bool:
+    from pydicom.misc import is_dicom
+
+    return path.is_file() and not path.name.lower().endswith((".nii", ".nii.gz")) and is_dicom(path)
+
+
+SUFFIXES = {"nifti": (".nii.gz", ".nii"), "dicom-seg": (".dcm",)}
+
+
+def check_output(out: Path, fmt: str, source: Path | None = None) -> None:
+    """Before anything runs: the output's name fits its format, and it is neither a folder nor the input."""
+    out = Path(out)
+    if out.is_dir():
+        raise HpcSegError(f"--out {out}: is a folder; one CT writes one file (a folder of cases writes a folder)")
+    if not out.name.lower().endswith(SUFFIXES[fmt]):
+        raise HpcSegError(f"--out {out}: a {fmt} output ends in {' or '.join(SUFFIXES[fmt])}")
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise HpcSegError(f"--out {out}: is the input itself")
 
 
 def output_format(out: Path, fmt: str | None) -> str:
@@ -143,9 +166,10 @@ def output_format(out: Path, fmt: str | None) -> str:
 
 
 def sidecar(out: Path) -> Path:
-    """The JSON beside an output: its name without .nii(.gz)/.dcm, + .json."""
+    """The JSON beside an output: its full name + ``.json`` (``pred.nii.gz.json``, ``pred.dcm.json``:
+    a NIfTI and a DICOM-SEG of one case never share one)."""
     out = Path(out)
-    return out.with_name(case_name(out).removesuffix(".dcm").removesuffix(".DCM") + ".json")
+    return out.with_name(out.name + ".json")
 
 
 class Predictor:
@@ -160,6 +184,9 @@ class Predictor:
         self.tta, self.postprocess = inference_settings(self.cfg, tta, postprocess)
         self.device, self.amp = device_and_dtype(prefer_gpu=not cpu, model=self.model)
         self.plan_digest = hashlib.sha256(self.plan.to_json().encode()).hexdigest()
+        self.fingerprint = {"model": self.source, "model_sha256": _file_digest(Path(source)),
+                            "plan_sha256": self.plan_digest, "tta": self.tta, "postprocess": self.postprocess,
+                            "hpc_seg": __version__}
 
     def labels(self, case: CaseInput, with_probs: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(Z, Y, X) RAS labels (and probabilities when asked) of one case."""
@@ -183,7 +210,7 @@ class Predictor:
         else:
             _write_nifti(grid, case.affine, out, header=case.header)
         info = {"case": case_name(case.path), "input": str(case.path), "output": str(out), "format": fmt,
-                "model": self.source, "series_uid": case.series.uid if case.series else None,
+                **self.fingerprint, "series_uid": case.series.uid if case.series else None,
                 "left_out": case.left_out, **case_volumes(labels, case.canon.spacing, list(self.plan.classes))}
         from hpc_seg.storage.atomic import atomic_write_bytes
 
@@ -191,7 +218,6 @@ class Predictor:
         return info
 
     def _write_seg(self, case: CaseInput, grid: np.ndarray, out: Path) -> None:
-        from hpc_seg import __version__
         from hpc_seg.ingest.dicom_seg import write_seg
 
         require_series(case)
@@ -200,10 +226,26 @@ class Predictor:
                   where=case.path)
 
 
+def _file_digest(path: Path) -> str | None:
+    """SHA-256 of an exported model file (a run directory's checkpoint is named by ``model`` instead)."""
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def require_series(case: CaseInput) -> None:
+    """A DICOM-SEG needs a series to reference, with the UIDs highdicom references (checked before
+    the model loads and minutes of inference)."""
+    from hpc_seg.ingest.dicom_seg import seg_sources
+
     if case.series is None:
         raise InputDataError(case.path, "a DICOM-SEG needs a DICOM series as input (it references the source "
                                         "slices); a NIfTI input has none: write NIfTI (--out X.nii.gz)")
+    seg_sources([s.ds for s in case.series.slices[:1]], case.path)
 
 
 def refuse_existing(*paths, overwrite: bool = False) -> None:
@@ -219,6 +261,7 @@ def predict_file(source, in_path, out_path, tta: bool | None = None, postprocess
     model's config says (``inference``). Returns the output path and the volumes written beside it."""
     out_path = Path(out_path)
     fmt = output_format(out_path, fmt)
+    check_output(out_path, fmt, in_path)
     refuse_existing(out_path, sidecar(out_path), probs_path, overwrite=overwrite)
     case = read_input(in_path, series_uid)
     if fmt == "dicom-seg":  # before the model loads and minutes of inference

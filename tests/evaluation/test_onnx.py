@@ -93,6 +93,7 @@ def test_the_docs_example_segments_like_predict_without_torch(exports, tmp_path,
     r = subprocess.run([sys.executable, "-c", BLOCK, str(ROOT / "examples" / "onnx_predict.py"), str(model), str(CT),
                         str(theirs)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert f"PLAN_VERSION = {PLAN_VERSION}" in (ROOT / "examples" / "onnx_predict.py").read_text()
     a, b = nib.load(ours), nib.load(theirs)
     la, lb = np.asarray(a.dataobj), np.asarray(b.dataobj)
     assert la.shape == lb.shape and np.allclose(a.affine, b.affine) and np.unique(la).size > 1

@@ -42,7 +42,7 @@ def predicted_voxels(classes: tuple[str, ...], labels: np.ndarray) -> dict[str, 
     index = {"cases": {"c": {"stats": {"spacing": [1.0, 1.0, 1.0]}}}}
     figures, _ = _score_case(case, "c", LabelEcho(len(names)), plan, metrics, np.arange(len(names)), index,
                              {"classes": names}, torch.device("cpu"), None, False, True, None)
-    return {n: figures[n]["voxels_pred"] for n in names}
+    return {n: figures["per_class"][n]["voxels_pred"] for n in names}
 
 
 def test_a_three_class_task_without_liver_is_not_liver_post_processed():

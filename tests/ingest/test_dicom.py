@@ -221,3 +221,26 @@ def test_gantry_tilt_is_refused_not_sheared(tmp_path):
         ds.save_as(f)
     with pytest.raises(InputDataError, match=r"not stacked along their normal: .* 4\.4 mm off in-plane .*gantry tilt"):
         load_dicom_ct(tmp_path / "s")
+
+
+def test_drifting_slice_spacing_and_duplicates_are_refused(tmp_path):
+    import pydicom
+
+    from hpc_seg.errors import InputDataError
+
+    hu, *_ = phantom_ct(k=24)
+    write_series(tmp_path / "s", (hu + 1024).astype(np.int16), series_geometry(dz=5.0))
+    files = sorted((tmp_path / "s").iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    for k, f in enumerate(files[12:]):  # the second half at 4.6 mm: every step within 10 %, the stack not
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], 40.0 + 12 * 5.0 + k * 4.6]
+        ds.save_as(f)
+    with pytest.raises(InputDataError, match="slice spacing is not regular"):
+        load_dicom_ct(tmp_path / "s")
+    write_series(tmp_path / "d", (hu + 1024).astype(np.int16)[:6], series_geometry())
+    shutil.copy(tmp_path / "d" / "image_2", tmp_path / "d" / "image_2_copy")
+    ds = pydicom.dcmread(tmp_path / "d" / "image_2_copy")
+    ds.SOPInstanceUID = "1.2.3.99"
+    ds.save_as(tmp_path / "d" / "image_2_copy")
+    with pytest.raises(InputDataError, match="duplicated slice: image_2 and image_2_copy share position"):
+        load_dicom_ct(tmp_path / "d")

@@ -36,6 +36,8 @@ def test_no_liver_and_other_class_sets():
 
 @pytest.mark.parametrize("label,meaning,cls", [("Liver", "", "liver"), ("ManualROI_Tumor", "", "tumour"),
                                                ("Segment 1", "Neoplasm", "tumour"), ("HCC", "", "tumour"),
-                                               ("lesion 3", "", "tumour"), ("Spleen", "Spleen", None)])
+                                               ("lesion 3", "", "tumour"), ("Spleen", "Spleen", None),
+                                               ("Liver vessels", "", None), ("liver cyst", "", None),
+                                               ("Whole liver", "Liver", "liver"), ("Delivery", "", None)])
 def test_segments_map_to_classes_by_label_or_property(label, meaning, cls):
     assert class_of_segment(label, meaning) == cls
