@@ -19,6 +19,7 @@ def add_commands(sub) -> None:
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--workers", type=int, default=1)
+    _add_segment(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_convert)
 
@@ -50,6 +51,37 @@ def _add_kind(p: argparse.ArgumentParser, kinds: list[str]) -> None:
     p.add_argument("kind", choices=kinds, metavar="KIND", help=f"dataset kind of SRC (one of: {', '.join(kinds)})")
 
 
+def _add_segment(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--segment", action="append", default=[], type=_label_class, metavar="LABEL=CLASS",
+                   help="dicomseg: segments with this SegmentLabel (any case) are CLASS (liver, tumour; background "
+                        "leaves them out), whatever their label's words say; repeatable")
+
+
+def _label_class(text: str) -> tuple[str, str]:
+    label, sep, cls = text.rpartition("=")
+    if not sep or not label.strip() or not cls.strip():
+        raise argparse.ArgumentTypeError(f"'{text}': expected LABEL=CLASS, e.g. 'Lesion 1=tumour'")
+    return label.strip(), cls.strip()
+
+
+def _kind_options(args) -> dict:
+    """The kind-specific options of convert/prepare: ``--segment`` pairs, their classes checked."""
+    if not args.segment:
+        return {}
+    from hpc_seg.ingest.kinds import KINDS, get_kind
+
+    kind = get_kind(args.kind)
+    if "segment" not in kind.options:
+        takers = sorted(k for k, spec in KINDS.items() if "segment" in spec.options)
+        raise HpcSegError(f"--segment applies to the kinds reading segment labels ({', '.join(takers)}), "
+                          f"not to '{args.kind}'")
+    bad = sorted({c for _, c in args.segment if c not in kind.classes})
+    if bad:
+        raise HpcSegError(f"--segment: unknown class {', '.join(bad)} (classes of {args.kind}: "
+                          f"{', '.join(kind.classes[1:])}; background leaves the segment out)")
+    return {"segment": dict(args.segment)}
+
+
 def _add_split_fractions(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val", type=float, default=0.2)
     p.add_argument("--test", type=float, default=0.2)
@@ -67,6 +99,7 @@ def _add_prepare(sub, kinds: list[str]) -> None:
     p.add_argument("--add", action="append", default=[], type=_kind_path, metavar="KIND:PATH",
                    help="another source of the same task into the same store (its classes a subset of the "
                         "store's, e.g. totalseg:/data/TotalSegmentator for liver-only CTs); repeatable")
+    _add_segment(p)
     p.add_argument("--slurm", action="store_true", help="convert as a SLURM job array + a finalizer job "
                    "(index, split, plan) that depends on it (hpc_seg/jobs/prepare_array.py)")
     p.add_argument("--tasks", type=int, default=8, help="array tasks with --slurm (each converts cases i::N)")
@@ -89,7 +122,8 @@ def _kind_path(text: str) -> tuple[str, str]:
 def cmd_convert(args) -> int:
     from hpc_seg.ingest.convert import convert
 
-    report = convert(args.kind, args.src, args.out, workers=args.workers, show_progress=not args.quiet)
+    report = convert(args.kind, args.src, args.out, workers=args.workers, show_progress=not args.quiet,
+                     options=_kind_options(args))
     return _print_report(report)
 
 
@@ -111,10 +145,14 @@ def _print_report(report) -> int:
 def cmd_prepare(args) -> int:
     from hpc_seg.ingest.prepare import prepare
 
+    options = _kind_options(args)
     if args.slurm:
+        if options:  # the array tasks convert with each kind's defaults: refused rather than ignored
+            raise HpcSegError("--segment does not reach the array tasks of --slurm: prepare without --slurm")
         return _prepare_on_slurm(args)
     done = prepare(args.kind, args.src, args.out, workers=args.workers, val=args.val, test=args.test,
-                   seed=args.seed, show_progress=not args.quiet, resplit=args.resplit, extra=args.add)
+                   seed=args.seed, show_progress=not args.quiet, resplit=args.resplit, extra=args.add,
+                   options=options)
     code = _print_report(done.report)
     if code:
         print("no split or plan written: rerun 'hpc-seg prepare' once the bad cases are fixed or removed",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from hpc_seg.storage import store as zstore
 from hpc_seg.ingest.index import case_stats, write_index
 from hpc_seg.ingest.kinds import CaseSource, get_kind
 from hpc_seg.storage.lock import store_lock
-from hpc_seg.errors import InputDataError
+from hpc_seg.errors import HpcSegError, InputDataError
 
 @dataclass
 class ConversionReport:
@@ -81,16 +81,23 @@ def _progress():
 
 def convert(kind: str, src: str | Path, out: str | Path, workers: int = 1, show_progress: bool = True,
             layout: str = zstore.FORMAT, part: tuple[int, int] | None = None, index: bool = True,
-            lock_token: str | None = None) -> ConversionReport:
+            lock_token: str | None = None, options: dict | None = None) -> ConversionReport:
     """Convert every case of ``src`` into the store ``out``; returns a report (see module doc).
 
     ``layout``: of a new store (an existing one keeps its own); ``hpc-seg/zarr-v2`` = unsharded.
     ``part=(i, n)``: only cases ``i::n`` of the source (one array task of ``prepare --slurm``), and
     ``index=False`` leaves the index to the finalizer. The store's lock (``hpc_seg.storage.lock``) is
-    held throughout, or checked to be ``lock_token``'s (a shared preparation's)."""
+    held throughout, or checked to be ``lock_token``'s (a shared preparation's). ``options``: the
+    kind-specific options its ``load`` reads (``DatasetKind.options`` names them; others refused)."""
     spec = get_kind(kind)
+    unknown = sorted(set(options or {}) - set(spec.options))
+    if unknown:
+        raise HpcSegError(f"dataset kind '{kind}' takes no option {', '.join(unknown)}"
+                          + (f" (its options: {', '.join(spec.options)})" if spec.options else ""))
     found = spec.discover(Path(src))
     sources, classes = found.cases, found.classes
+    if options:
+        sources = [replace(s, options=dict(options)) for s in sources]
     if part is not None:
         sources = sources[part[0]::part[1]]
     with store_lock(out, f"hpc-seg convert {kind} {src}", lock_token):

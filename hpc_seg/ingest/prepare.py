@@ -37,13 +37,16 @@ class Prepared:
 
 
 def prepare(kind: str, src, store, workers: int = 1, val: float = 0.2, test: float = 0.2, seed: int = 0,
-            show_progress: bool = True, resplit: bool = False, extra: list[tuple[str, str]] = ()) -> Prepared:
+            show_progress: bool = True, resplit: bool = False, extra: list[tuple[str, str]] = (),
+            options: dict | None = None) -> Prepared:
     """Convert ``src`` (and each ``(kind, path)`` of ``extra``: sources of the same task that may
     annotate fewer classes) into ``store``, then make the split of ``seed`` and its plan (kept when
     they exist, unless ``resplit``). A split is made only from conversions without failures.
+    ``options``: kind-specific options of ``src``'s kind (``convert``), not of the extra sources.
     The store's lock is held throughout: a second preparation of it at the same time is refused."""
     with store_lock(store, f"hpc-seg prepare {kind} {src}") as token:
-        report = convert(kind, src, store, workers=workers, show_progress=show_progress, lock_token=token)
+        report = convert(kind, src, store, workers=workers, show_progress=show_progress, lock_token=token,
+                         options=options)
         for extra_kind, extra_src in extra:
             add_report(report, convert(extra_kind, extra_src, store, workers=workers,
                                           show_progress=show_progress, lock_token=token))

@@ -9,7 +9,8 @@ after conversion asks for a kind by name.
 
 Registered: ``lits`` (LiTS17), ``phantom`` (the synthetic CT in LiTS layout), ``msd`` (any
 single-channel CT task of the Medical Segmentation Decathlon, through its ``dataset.json``),
-``ircadb`` (3D-IRCADb-01, DICOM), ``chaos`` (CHAOS CT, DICOM + PNG masks), ``totalseg``
+``ircadb`` (3D-IRCADb-01, DICOM), ``chaos`` (CHAOS CT, DICOM + PNG masks), ``dicomseg`` (CT
+DICOM series + DICOM Segmentation objects), ``totalseg``
 (TotalSegmentator CT, its liver mask) and ``kvasir`` (Kvasir-SEG polyps). Adding a kind = one
 module calling :func:`register`.
 """
@@ -17,7 +18,7 @@ module calling :func:`register`.
 from __future__ import annotations
 
 from hpc_seg.errors import HpcSegError
-from hpc_seg.ingest.kinds import chaos, ircadb, kvasir, lits, msd, totalseg  # noqa: F401  (each registers itself)
+from hpc_seg.ingest.kinds import chaos, dicomseg, ircadb, kvasir, lits, msd, totalseg  # noqa: F401  (each registers itself)
 from hpc_seg.ingest.kinds.base import KINDS, CaseSource, DatasetKind, Discovered, register  # noqa: F401
 
 

@@ -10,9 +10,13 @@ from typing import Callable, Optional
 
 @dataclass(frozen=True)
 class CaseSource:
+    """One case of a source; ``options``: the kind-specific options of the conversion (e.g.
+    ``{"segment": {LABEL: CLASS}}``), which travel with the case to the worker that loads it."""
+
     case_id: str
     image: Optional[Path]
     label: Optional[Path]
+    options: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -38,6 +42,8 @@ class DatasetKind:
         modes: sampling modes that make sense (RGB photos: ``2d`` only).
         merge: ``(class, class it lies inside)`` pairs (LiTS: tumour in liver): on a case of another
             source that does not annotate the class, it counts as the outer one (``hpc_seg.preprocessing.labels``).
+        options: names of the kind-specific options its ``load`` reads from ``CaseSource.options``
+            (conversion refuses others).
     """
 
     name: str
@@ -51,6 +57,7 @@ class DatasetKind:
     rgb_std: tuple[float, ...] = ()
     modes: tuple[str, ...] = ("2d", "2.5d", "3d")
     merge: tuple[tuple[str, str], ...] = ()
+    options: tuple[str, ...] = ()
 
     @property
     def channels(self) -> int:
