@@ -14,6 +14,7 @@ from hpc_seg.config.loader import apply_overrides, from_dict, read_yaml
 from hpc_seg.storage.location import is_file, is_remote, join
 from hpc_seg.ingest.prepare import is_prepared, prepare_command
 from hpc_seg.training.tracking import missing_mlflow
+from hpc_seg.training.tracking_uri import is_sqlite, job_uri
 from hpc_seg.errors import ConfigError
 
 SHIPPED_SITE = Path(__file__).resolve().parent / "site.yaml"
@@ -68,7 +69,31 @@ def absolute_paths(cfg: Config) -> Config:
         extra.path = str(Path(extra.path).resolve())
     if cfg.model.pretrained:
         cfg.model.pretrained = str(Path(cfg.model.pretrained).resolve())
+    if cfg.tracking.mlflow:  # a relative sqlite path absolute; a URI's credentials into the job's environment
+        cfg.tracking.uri = job_uri(cfg.tracking.uri)
+        _warn_shared_sqlite(cfg.tracking.uri)
     return cfg
+
+
+_SQLITE_POINTS: dict[str | None, int] = {}  # tracking store -> grid points of this submission on it
+
+
+def _warn_shared_sqlite(uri: str | None) -> None:
+    """Once, when a second point of a grid logs to the same sqlite file (MLflow's default store is
+    one too): concurrent jobs on one sqlite file over NFS/Lustre lock each other out or corrupt it."""
+    import os
+    import sys
+
+    effective = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if effective and not is_sqlite(effective):
+        return
+    _SQLITE_POINTS[effective] = _SQLITE_POINTS.get(effective, 0) + 1
+    if _SQLITE_POINTS[effective] == 2:
+        where = effective or "MLflow's default store (sqlite:///mlflow.db in the job's working directory)"
+        print(f"hpc-seg submit: warning: several grid points log to one sqlite file, {where}: jobs running at "
+              f"the same time on one sqlite file (on NFS/Lustre above all) lock each other out or corrupt it; "
+              f"give the grid an `mlflow server` (tracking.uri=http://HOST:PORT), see docs/tracking.md",
+              file=sys.stderr, flush=True)
 
 
 def _under(path: Path, prefixes: list[str]) -> str | None:

@@ -32,7 +32,7 @@ class RunLog:
         if cfg is not None and cfg.tracking.mlflow:
             from hpc_seg.training.tracking import Tracker, require_mlflow
 
-            require_mlflow(cfg)  # on every rank: all stop with the same one-line error
+            require_mlflow(cfg, import_it=False)  # every rank: the same one-line error; rank 0's tracker imports
             if enabled:
                 self.tracker = Tracker(cfg, run_dir, resume)
         self.progress = self.task = None

@@ -4,16 +4,19 @@
 writes reaches it, ``train`` and ``val`` records become metrics at their step, the final summary
 becomes ``final/…`` metrics, and the flattened config becomes the run's params. One MLflow run per
 run directory: its id is kept in ``RUN_DIR/mlflow_run.json`` and a resumed run (``--resume``, a
-requeued job) logs into it again.
+requeued job) logs into it again, without the steps it already has.
 
-The tracking store never stops training: a failing call is a warning (once), the metrics wait in
-memory and are sent again at most every ``tracking.retry_s`` seconds; MLflow's HTTP retries and
-timeout are cut short so that no training step waits long. mlflow is imported here only, and only
-when tracking is on; telemetry is switched off before the import.
+The tracking store never stops training: the training thread only queues; a daemon thread
+(``hpc_seg.training.tracking_sender``) connects and sends; a failing call is a warning (once), the
+metrics wait in memory and are sent again at most every ``tracking.retry_s`` seconds. mlflow is
+imported here only, and only when tracking is on; telemetry is switched off before the import; an
+import that fails in the tracker turns tracking off for the run. User and password of a tracking
+URI never reach a log or a file (``hpc_seg.training.tracking_uri``).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -21,15 +24,18 @@ import re
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from hpc_seg.config import Config, to_dict
 from hpc_seg.errors import HpcSegError
 from hpc_seg.storage.atomic import atomic_write_json
+from hpc_seg.training.tracking_sender import Sender
+from hpc_seg.training.tracking_uri import (absolute_store, connection_uri, public_config, public_uri, scrub,
+                                           without_credentials)
 
 RUN_FILE = "mlflow_run.json"
 INSTALL = "pip install 'hpc-seg[tracking]'"
 METRIC_RECORDS = ("train", "val")
+RESUMABLE = ("train/", "val/")  # metrics a resumed run does not log again at steps it already has
 NOT_METRICS = ("step", "time", "epoch")
 # MLflow's defaults (7 retries with backoff, 120 s timeout) would hold a training step for minutes
 # while the server is down; an explicit value in the environment is respected.
@@ -41,30 +47,51 @@ MAX_PENDING = 200_000  # metric values kept while the store is unreachable; the 
 TRUNCATED = "...[truncated]"
 
 
-def missing_mlflow(cfg: Config) -> str | None:
-    """The one-line problem when tracking is on and mlflow is not installed, else None."""
-    if cfg.tracking.mlflow and importlib.util.find_spec("mlflow") is None:
+def missing_mlflow(cfg: Config, import_it: bool = True) -> str | None:
+    """The one-line problem when tracking is on and mlflow is not installed or (``import_it``)
+    fails to import (a protobuf or pydantic clash raises TypeError, AttributeError, …), else None."""
+    if not cfg.tracking.mlflow:
+        return None
+    if importlib.util.find_spec("mlflow") is None:
         return f"tracking.mlflow: true needs MLflow, which is not installed: {INSTALL}"
+    return _import_problem() if import_it else None
+
+
+@functools.lru_cache(maxsize=1)
+def _import_problem() -> str | None:
+    try:
+        _import_mlflow()
+    except Exception as exc:  # whatever a broken installation raises
+        return (f"tracking.mlflow: true, but mlflow fails to import ({_short(exc)}): repair the installation "
+                f"({INSTALL}) or set tracking.mlflow=false")
     return None
 
 
-def require_mlflow(cfg: Config) -> None:
-    problem = missing_mlflow(cfg)
+def require_mlflow(cfg: Config, import_it: bool | None = None) -> None:
+    """Stop with one line (HpcSegError: exit 2) before training starts when tracking is on and mlflow
+    is missing or fails to import. The import is tried where ``import_it``, by default in a process
+    that is not one of several ranks (``hpc-seg train`` before it starts them, a single process);
+    ranks only look for the package, and rank 0's tracker turns tracking off should it not import."""
+    if import_it is None:
+        from hpc_seg.distributed.env import detect_env
+
+        import_it = detect_env().world_size == 1
+    problem = missing_mlflow(cfg, import_it)
     if problem:
         raise HpcSegError(problem)
 
 
 def _import_mlflow():
     """The mlflow module, with telemetry off and short HTTP retries (read when mlflow starts and at
-    each request)."""
+    each request); raises whatever the import raises."""
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # mlflow reports usage to its servers unless told not to
+    # mlflow prints the run's link with the URI's user and password; the tracker prints it without them
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    try:
-        import mlflow
-        import mlflow.tracking  # noqa: F401  (MlflowClient, used by _connect)
-    except ImportError as exc:
-        raise HpcSegError(f"tracking.mlflow: true needs MLflow ({exc}): {INSTALL}") from None
+    import mlflow
+    import mlflow.tracking  # noqa: F401  (MlflowClient, used by _connect)
+
     return mlflow
 
 
@@ -72,18 +99,9 @@ def resolve_target(cfg: Config) -> tuple[str | None, str, str]:
     """(tracking URI or None for MLflow's default, experiment, run name): a config key wins over
     MLflow's environment variable; a grid point's experiment is its grid, a single run's its name."""
     t = cfg.tracking
-    uri = t.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    uri = absolute_store(t.uri or os.environ.get("MLFLOW_TRACKING_URI") or None)
     experiment = t.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or t.grid or cfg.name
     return uri, experiment, t.run_name or cfg.name
-
-
-def public_uri(uri: str) -> str:
-    """``uri`` without user and password: it is printed and written to the run directory."""
-    parts = urlsplit(uri)
-    if parts.password is None and parts.username is None:
-        return uri
-    host = parts.hostname or ""
-    return urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
 
 
 def _clean_key(key: str) -> str:
@@ -138,14 +156,15 @@ def final_metrics(final: dict) -> list[tuple[str, float, int, int]]:
 
 def _short(exc: BaseException, keep: int = 160) -> str:
     """The exception's first line, its middle cut out when long: mlflow wraps the cause
-    (``… Connection refused``) at the end of a long message."""
-    lines = str(exc).strip().splitlines()
+    (``… Connection refused``) at the end of a long message; any user and password of a URL masked."""
+    lines = scrub(str(exc)).strip().splitlines()
     text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
     return text if len(text) <= 2 * keep else f"{text[:keep]} ... {text[-keep:]}"
 
 
 class Tracker:
-    """One training run's MLflow run, seen from rank 0.
+    """One training run's MLflow run, seen from rank 0: the training thread queues (``log_record``,
+    ``log_final``), the sender's thread connects and sends (``_flush``), ``close`` waits for it.
 
     Args:
         cfg: the resolved config (``tracking`` section on).
@@ -154,103 +173,113 @@ class Tracker:
     """
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool):
-        self.mlflow = _import_mlflow()
+        self.off = False
+        try:
+            self.mlflow = _import_mlflow()
+        except Exception as exc:  # a broken installation: rank 0 must not die while the other ranks wait
+            self.off = True
+            self._note(f"MLflow tracking is off for this run: mlflow fails to import ({_short(exc)}); "
+                       f"the run directory keeps everything")
+            return
         uri, self.experiment, self.run_name = resolve_target(cfg)
-        self.uri = uri or self.mlflow.get_tracking_uri()
-        self.run_dir, self.resume, self.retry_s = Path(run_dir), resume, cfg.tracking.retry_s
-        self.grid = cfg.tracking.grid
-        self.params = flatten_params(to_dict(cfg))
+        uri = uri or absolute_store(self.mlflow.get_tracking_uri())
+        (self.uri, problem), self.shown = connection_uri(uri), public_uri(uri)
+        if problem:
+            self._note(f"MLflow: {problem}")
+        self.run_dir, self.resume, self.grid = Path(run_dir), resume, cfg.tracking.grid
+        self.retry_s, self.close_timeout_s = cfg.tracking.retry_s, cfg.tracking.close_timeout_s
+        self.params = flatten_params(public_config(to_dict(cfg)))
         self.client = self.run_id = None
-        self.pending: list[tuple[str, float, int, int]] = []
         self.pending_params: dict[str, str] = {}
-        self.tags: dict[str, str] = {}
-        self.dropped, self.next_try = 0, 0.0
-        self.warned = self.failing = self.finished = False
+        self.logged_steps: dict[str, int] = {}  # a resumed run's last step of each train/val metric
+        self.warned = self.finished = self.told_skip = False
         self.stop_reason: str | None = None
+        self.sender = Sender(self._flush, self.retry_s, MAX_PENDING, self._failed, self._recovered, self._note)
 
-    # ------------------------------------------------------------------ what the run log hands over
+    # ------------------------------------------------------------------ the training thread
     def log_record(self, record: dict) -> None:
+        if self.off:
+            return
         if record.get("type") == "stop":
             self.stop_reason = str(record.get("reason"))
-        self._queue(record_metrics(record))
-        self.flush()
+        self.sender.put(record_metrics(record))
 
     def log_final(self, final: dict) -> None:
-        self._queue(final_metrics(final))
+        if self.off:
+            return
         best = final.get("best")
-        if best:
-            self.tags["hpc_seg.best_checkpoint"] = str(best[1])
+        self.sender.put(final_metrics(final), {"hpc_seg.best_checkpoint": str(best[1])} if best else None)
         self.finished = True
-        self.flush()
 
     def close(self) -> None:
-        """Send what waits (one more try whatever the retry interval) and mark the MLflow run
-        finished, killed (stopped by a signal: a requeue resumes it) or failed."""
+        """Send what waits (one more try whatever the retry interval, within
+        ``tracking.close_timeout_s``) and mark the MLflow run finished, killed (stopped by a signal:
+        a requeue resumes it) or failed; warn about what could not be sent."""
+        if self.off or not self.sender.owner():
+            return
         status = "FINISHED" if self.finished else "KILLED" if self.stop_reason == "signal" else "FAILED"
-        done = self.flush(force=True)
-        if done:
-            try:
-                self.client.set_terminated(self.run_id, status)
-            except Exception as exc:  # any store failure: the run's own files hold everything
-                done = False
-                self._failed(exc)
-        left = len(self.pending) + self.dropped
+        done = self.sender.close(self.close_timeout_s, lambda: self.client.set_terminated(self.run_id, status))
+        late = self.sender.thread.is_alive()
+        left = self.sender.waiting() + self.sender.dropped
+        within = f" within tracking.close_timeout_s ({self.close_timeout_s:g} s)" if late else ""
+        if done and self.uri.startswith(("http://", "https://")):
+            print(f"hpc-seg train: MLflow run: {without_credentials(self.uri).rstrip('/')}/#/experiments/"
+                  f"{self.experiment_id}/runs/{self.run_id}", flush=True)
         if left:
-            self._note(f"MLflow ({public_uri(self.uri)}): {left} metric values of this part of the run were not "
-                       f"sent; {self.run_dir / 'metrics.jsonl'} has them all")
+            self._note(f"MLflow ({self.shown}): {left} metric values of this part of the run were not sent{within}; "
+                       f"{self.run_dir / 'metrics.jsonl'} has them all")
         elif not done:
-            self._note(f"MLflow ({public_uri(self.uri)}) failed at the end of the run; its status there is not updated")
+            self._note(f"MLflow ({self.shown}) failed at the end of the run{within}; its status there is not updated")
 
-    # ------------------------------------------------------------------ sending
-    def _queue(self, metrics: list) -> None:
-        self.pending += metrics
-        extra = len(self.pending) - MAX_PENDING
-        if extra > 0:
-            del self.pending[:extra]
-            self.dropped += extra
-
-    def flush(self, force: bool = False) -> bool:
-        """Connect if need be and send what waits; False (and a retry later) when the store fails."""
-        if not force and time.monotonic() < self.next_try:
-            return False
-        try:
-            if self.run_id is None:
-                self._connect()
-            self._send()
-        except Exception as exc:  # mlflow, requests, SQLAlchemy, OS errors alike: training goes on
-            self._failed(exc)
-            return False
-        if self.failing:
-            print(f"hpc-seg train: MLflow ({public_uri(self.uri)}) reachable again; waiting metrics sent",
-                  file=sys.stderr, flush=True)
-            self.failing = False
-        return True
-
-    def _send(self) -> None:
+    # ------------------------------------------------------------------ the sender's thread
+    def _flush(self) -> None:
+        """Connect if need be and send what waits; raises when the store fails (all stays queued)."""
         from mlflow.entities import Metric, Param, RunTag
 
+        if self.run_id is None:
+            self._connect()
         while self.pending_params:
             chunk = list(self.pending_params.items())[:PARAMS_PER_BATCH]
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in chunk])
             for k, _ in chunk:
                 del self.pending_params[k]
-        while self.pending:
-            chunk = self.pending[:METRICS_PER_BATCH]
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in chunk])
-            del self.pending[: len(chunk)]
-        if self.tags:
-            tags = list(self.tags.items())
-            self.client.log_batch(self.run_id, tags=[RunTag(k, _truncate(v, MAX_TAG_LENGTH)) for k, v in tags])
-            self.tags = {}
+        while batch := self.sender.peek(METRICS_PER_BATCH):
+            metrics = [Metric(k, v, ts, step) for _, (k, v, ts, step) in batch if self._new(k, step)]
+            if metrics:
+                self.client.log_batch(self.run_id, metrics=metrics)
+            self.sender.ack(batch[-1][0])
+        tags = self.sender.take_tags()
+        try:
+            if tags:
+                self.client.log_batch(self.run_id, tags=[RunTag(k, _truncate(v, MAX_TAG_LENGTH))
+                                                         for k, v in tags.items()])
+        except Exception:
+            self.sender.give_back_tags(tags)
+            raise
+
+    def _new(self, key: str, step: int) -> bool:
+        """False for a train/val value at or below the last step the resumed MLflow run has of it:
+        a part that resumed from a checkpoint older than its predecessor's last step (a hard kill)."""
+        last = self.logged_steps.get(key)
+        if last is None or step > last:
+            return True
+        if not self.told_skip:
+            self.told_skip = True
+            print(f"hpc-seg train: MLflow run {self.run_id} already has {key} up to step {last} (logged after the "
+                  f"checkpoint this part resumed from); values at or below a metric's last step are not logged again",
+                  file=sys.stderr, flush=True)
+        return False
 
     def _failed(self, exc: BaseException) -> None:
-        self.next_try = time.monotonic() + self.retry_s
-        self.failing = True
         if not self.warned:
             self.warned = True
-            print(f"hpc-seg train: warning: MLflow tracking ({public_uri(self.uri)}) failed: {_short(exc)}; "
+            print(f"hpc-seg train: warning: MLflow tracking ({self.shown}) failed: {_short(exc)}; "
                   f"training goes on, metrics wait and are sent again at most every {self.retry_s:g} s",
                   file=sys.stderr, flush=True)
+
+    def _recovered(self) -> None:
+        print(f"hpc-seg train: MLflow ({self.shown}) reachable again; waiting metrics sent",
+              file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ the run
     def _connect(self) -> None:
@@ -266,10 +295,11 @@ class Tracker:
             self.pending_params = dict(self.params)
         else:
             self._params_of_resumed(run.data.params)
-        self.client, self.run_id = client, run.info.run_id
+            self.logged_steps = {m.key: m.step for m in run.data.to_proto().metrics if m.key.startswith(RESUMABLE)}
+        self.client, self.run_id, self.experiment_id = client, run.info.run_id, experiment_id
         atomic_write_json(self.run_dir / RUN_FILE, {
             "run_id": self.run_id, "experiment_id": experiment_id, "experiment": self.experiment,
-            "tracking_uri": public_uri(self.uri)})
+            "tracking_uri": self.shown})
 
     def _experiment_id(self, client) -> str:
         from mlflow.exceptions import MlflowException
@@ -306,7 +336,7 @@ class Tracker:
                 raise
             run = None
         if run is None or run.info.lifecycle_stage != "active":
-            self._note(f"MLflow run {run_id} (from {RUN_FILE}) is not in {public_uri(self.uri)} or deleted; "
+            self._note(f"MLflow run {run_id} (from {RUN_FILE}) is not in {self.shown} or deleted; "
                        f"starting a new MLflow run")
             return None
         client.update_run(run_id, status="RUNNING")
@@ -316,9 +346,8 @@ class Tracker:
         """Params are immutable in MLflow: keys new to the run are logged, a changed value becomes
         the tag ``config_change.KEY`` (``old -> new``)."""
         self.pending_params = {k: v for k, v in self.params.items() if k not in logged}
-        for k, v in self.params.items():
-            if k in logged and logged[k] != v:
-                self.tags[_clean_key(f"config_change.{k}")] = f"{logged[k]} -> {v}"
+        self.sender.put(tags={_clean_key(f"config_change.{k}"): f"{logged[k]} -> {v}"
+                              for k, v in self.params.items() if k in logged and logged[k] != v})
 
     @staticmethod
     def _note(text: str) -> None:
