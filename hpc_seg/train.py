@@ -65,13 +65,18 @@ def run(args) -> int:
 
     if nproc > 1 and detect_env().world_size == 1:
         return launch_local(nproc, args, run_dir)
-    from hpc_seg.training.trainer import Trainer
+    from hpc_seg.distributed import collectives as coll
+    from hpc_seg.training.stages import trainers
 
-    trainer = Trainer(cfg, run_dir, resume=args.resume).setup()
+    code = 0
     try:
-        return trainer.fit()
+        for trainer in trainers(cfg, run_dir, resume=args.resume):  # one, or a cascade's stages
+            code = trainer.fit()
+            if code != 0:
+                break
     finally:
-        trainer.close()
+        coll.destroy()
+    return code
 
 
 def launch_local(nproc: int, args, run_dir: Path) -> int:

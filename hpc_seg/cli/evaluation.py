@@ -55,9 +55,11 @@ def _inference_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args) -> int:
+    from hpc_seg.evaluation import cascade
     from hpc_seg.evaluation.model_io import export
 
-    print(f"wrote {export(args.run_dir, args.out, args.tag)}")
+    write = cascade.export if cascade.is_cascade_dir(args.run_dir) else export
+    print(f"wrote {write(args.run_dir, args.out, args.tag)}")
     return 0
 
 

@@ -59,4 +59,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw = load_raw(path) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
     raw = apply_overrides(raw, overrides or [])
-    return from_dict(Config, raw, source=source)
+    cfg = from_dict(Config, raw, source=source)
+    if cfg.cascade.enabled:  # both stages typed and checked now, not when stage 2 starts
+        from hpc_seg.config.cascade import stage_configs
+
+        stage_configs(cfg, source)
+    return cfg

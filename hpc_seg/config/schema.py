@@ -79,6 +79,10 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 2
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Samples cut around these classes' 3D box (a cascade's stage 2); empty: whole slices
+    crop_around: list[str] = field(default_factory=list)
+    crop_margin: float = 0.15  # added on each side, as a fraction of the box's extent per axis (no mm: spacing-free)
+    crop_jitter: float = 0.1  # training: each box edge moved by up to this fraction of the extent
 
     def check(self) -> None:
         if len(self.size) != 2 or min(self.size) < 8:
@@ -93,6 +97,10 @@ class DataConfig:
             raise ValueError("data.val_fraction + data.test_fraction must be < 1 and both >= 0")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError("data.batch_size must be >= 1 and data.num_workers >= 0")
+        if self.crop_margin < 0 or self.crop_jitter < 0:
+            raise ValueError("data.crop_margin and data.crop_jitter must be >= 0")
+        if self.crop_around and self.mode == "3d":
+            raise ValueError("data.crop_around cuts 2d/2.5d samples; data.mode 3d has no crop")
 
 
 @dataclass
@@ -265,13 +273,28 @@ class TrackingConfig:
     run_name: Optional[str] = None  # None: the config's name (grid points: their point name, set by submit)
     grid: Optional[str] = None  # set by `hpc-seg submit` on grid points: the grid's name
     retry_s: float = 60.0  # an unreachable tracking store is tried again at most this often
+    close_timeout_s: float = 30.0  # at the end of a run, what waits is sent within this long, then given up
 
     def check(self) -> None:
-        if self.retry_s <= 0:
-            raise ValueError(f"tracking.retry_s must be > 0, got {self.retry_s}")
+        for key in ("retry_s", "close_timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"tracking.{key} must be > 0, got {getattr(self, key)}")
         for key in ("uri", "experiment", "run_name", "grid"):
             if getattr(self, key) == "":
                 raise ValueError(f"tracking.{key} must not be empty (leave it unset for the default)")
+
+
+@dataclass
+class CascadeConfig:
+    """A liver → tumour cascade trained, exported and run as one model (docs/cascade.md).
+
+    Stage 1 is this config without the section (it finds the organ); stage 2 is this config with
+    ``data.crop_around: organ`` and then ``stage2``'s overrides (dotted keys, as ``--set``: e.g.
+    ``data.size: [192, 192]``, ``model.name: unet_aspp``, ``train.max_steps: 600``)."""
+
+    enabled: bool = False
+    organ: list[str] = field(default_factory=lambda: ["liver", "tumour"])  # stage 1's classes stage 2 crops around
+    stage2: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -288,6 +311,7 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
     def check(self) -> None:
         """Constraints across sections."""

@@ -36,8 +36,8 @@ from hpc_seg.preprocessing.labels import case_label_map, merged_note, store_labe
 from hpc_seg.errors import HpcSegError
 from hpc_seg.evaluation.case_metrics import case_metrics
 from hpc_seg.evaluation.inference import postprocess as liver_postprocess
-from hpc_seg.evaluation.inference import predict_labels
-from hpc_seg.evaluation.model_io import device_and_dtype, inference_settings, load_for_eval
+from hpc_seg.evaluation.cascade import case_labels, load_model
+from hpc_seg.evaluation.model_io import device_and_dtype, inference_settings
 from hpc_seg.evaluation.onnx_io import OnnxModel
 from hpc_seg.evaluation.predict import save_case_prediction
 from hpc_seg.metrics import SegmentationMetrics, plot_pr_curve
@@ -62,7 +62,7 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
     predicted from its image alone; its label is read only afterwards, for the metrics.
     ``tta``/``postprocess`` None: as the model's config says (``inference`` section)."""
     out = Path(out)
-    model, cfg, plan = load_for_eval(source, tag, prefer_gpu=not cpu)
+    model, cfg, plan = load_model(source, tag, prefer_gpu=not cpu)
     tta, postprocess = inference_settings(cfg, tta, postprocess)
     store = Store.open(store)  # opened once; handed to everything below
     info, index = store.info, store.index
@@ -107,8 +107,8 @@ def _score_case(g, cid: str, model, plan, metrics: SegmentationMetrics, lut: np.
     names = list(plan.classes)
     image = g["image"][...]
     lmap = case_label_map(plan, index, cid, info["classes"])  # from the index (what it annotates), not its voxels
-    pred = predict_labels(model, plan, image, device, amp, tta=tta, score_classes=metrics.pr_sources(lmap),
-                          bins=metrics.pr_bins)
+    pred = case_labels(model, plan, image, device, amp, tta=tta, score_classes=metrics.pr_sources(lmap),
+                       bins=metrics.pr_bins)
     labels = liver_postprocess(pred.labels, names) if postprocess else pred.labels
     if out is not None:
         save_case_prediction(out / "predictions", cid, labels, dict(g.attrs["hpc_seg"]))

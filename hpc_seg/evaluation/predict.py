@@ -28,8 +28,9 @@ from nibabel.orientations import apply_orientation, io_orientation, ornt_transfo
 from hpc_seg import __version__
 from hpc_seg.errors import HpcSegError, InputDataError
 from hpc_seg.evaluation.inference import postprocess as liver_postprocess
-from hpc_seg.evaluation.inference import predict_labels, predict_probs
-from hpc_seg.evaluation.model_io import device_and_dtype, inference_settings, load_for_eval
+from hpc_seg.evaluation.cascade import Cascade, case_labels, load_model
+from hpc_seg.evaluation.inference import predict_probs
+from hpc_seg.evaluation.model_io import device_and_dtype, inference_settings
 from hpc_seg.ingest.dicom_io import Series, is_series_folder, load_dicom_ct
 from hpc_seg.ingest.nifti_io import CanonicalVolume, ct_to_int16, load_nifti, to_canonical
 from hpc_seg.metrics.volumes import case_volumes
@@ -177,7 +178,7 @@ class Predictor:
 
     def __init__(self, source, tta: bool | None = None, postprocess: bool | None = None, cpu: bool = False):
         self.source = str(source)
-        self.model, self.cfg, self.plan = load_for_eval(source, prefer_gpu=not cpu)
+        self.model, self.cfg, self.plan = load_model(source, prefer_gpu=not cpu)
         if self.plan.modality != "CT":
             raise HpcSegError(f"{source}: a model for {self.plan.modality} images ({self.plan.kind}) cannot "
                               "segment CT volumes")
@@ -191,11 +192,14 @@ class Predictor:
     def labels(self, case: CaseInput, with_probs: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(Z, Y, X) RAS labels (and probabilities when asked) of one case."""
         data = case.canon.data[None]
+        if with_probs and isinstance(self.model, Cascade):
+            raise HpcSegError(f"{self.source}: --probs is not available for a cascade (its probabilities live in "
+                              "two grids: the case's and the organ box's)")
         if with_probs:
             probs = predict_probs(self.model, self.plan, data, self.device, self.amp, tta=self.tta)
             labels = probs.argmax(0).astype(np.uint8)
         else:  # argmax where the model ran: only uint8 labels reach the host (not 2.5 GB of float32 at 512²×800)
-            probs, labels = None, predict_labels(self.model, self.plan, data, self.device, self.amp, tta=self.tta).labels
+            probs, labels = None, case_labels(self.model, self.plan, data, self.device, self.amp, tta=self.tta).labels
         if self.postprocess:
             labels = liver_postprocess(labels, self.plan.classes)
         return labels, probs

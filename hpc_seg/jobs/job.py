@@ -68,7 +68,9 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         from hpc_seg.config import Config
         from hpc_seg.config.loader import from_dict, rename_former_keys
-        from hpc_seg.training.trainer import EXIT_OK, EXIT_PREEMPTED, Trainer
+        from hpc_seg.distributed import collectives as coll
+        from hpc_seg.training.stages import final_path, trainers
+        from hpc_seg.training.trainer import EXIT_OK, EXIT_PREEMPTED
 
         env = submitit.JobEnvironment()
         os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
@@ -81,11 +83,14 @@ class TrainJob(submitit.helpers.Checkpointable):
             from hpc_seg.ingest.prepare import prepare_for_config
 
             prepare_for_config(cfg)
-        trainer = Trainer(cfg, self.run_dir, resume="latest").setup()
+        code, trainer = EXIT_OK, None
         try:
-            code = trainer.fit()
+            for trainer in trainers(cfg, self.run_dir, resume="latest"):  # one, or a cascade's stages
+                code = trainer.fit()
+                if code != EXIT_OK:
+                    break
         finally:
-            trainer.close()
+            coll.destroy()
         if code == EXIT_PREEMPTED:
             sig = trainer.stop_signal or signal.SIGUSR2  # rank 0 may not have been signalled itself
             previous = trainer.previous_handlers.get(sig)
@@ -94,7 +99,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             return {"status": "preempted", "step": trainer.step}
         if code != EXIT_OK:
             raise RuntimeError(f"training in {self.run_dir} stopped with exit code {code}")
-        return json.loads((Path(self.run_dir) / "final.json").read_text())
+        return json.loads(final_path(cfg, self.run_dir).read_text())
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on rank 0 at preemption/timeout: requeue unless the cap is reached."""

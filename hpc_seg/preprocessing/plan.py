@@ -52,6 +52,10 @@ class PreprocessingPlan:
         merge: class → the class it lies inside (LiTS: tumour → liver), for cases that do not
             annotate it (``hpc_seg.preprocessing.labels``).
         to_case_grid: how outputs return to the case grid.
+        crop: None (whole slices), or ``{"around": [class names], "margin": fraction}``: the model
+            sees the box around those classes grown by ``margin`` of its extent per axis
+            (``hpc_seg.preprocessing.crop``; a cascade's stage 2: the box of stage 1's prediction
+            at inference, of the reference at training).
     """
 
     kind: str
@@ -73,6 +77,7 @@ class PreprocessingPlan:
     output: str = "softmax"
     merge: dict = field(default_factory=dict)
     to_case_grid: str = "probabilities resized bilinearly to each slice's (Y, X) grid, argmax; slices map 1:1"
+    crop: Optional[dict] = None
     version: int = PLAN_VERSION
 
     # -------------------------------------------------------------- derived facts
@@ -126,10 +131,16 @@ class PreprocessingPlan:
         if self.modality == "RGB" and d.window is not None:
             raise PlanError("data.window is an HU window for CT; RGB data has none")
         normalize = d.normalize or self.normalize
+        crop = None
+        if getattr(d, "crop_around", None):
+            unknown = [c for c in d.crop_around if c not in self.classes or c == self.classes[0]]
+            if unknown:
+                raise PlanError(f"data.crop_around {unknown}: not foreground classes of {self.kind} {list(self.classes)}")
+            crop = {"around": list(d.crop_around), "margin": float(d.crop_margin)}
         plan = dataclasses.replace(self, window=window, normalize=normalize, mode=d.mode,
                                    slices=d.slices if d.mode == "2.5d" else 1,
                                    patch_depth=d.patch_depth if d.mode == "3d" else 0,
-                                   size=tuple(d.size), output=output)
+                                   size=tuple(d.size), output=output, crop=crop)
         return _with_normalisation(plan, d)
 
 

@@ -21,6 +21,7 @@
   every process makes its own filesystem session (``hpc_seg.storage.location``) and the DataLoader
   starts its workers with ``forkserver``, so no worker inherits the main process's HTTP session or
   event loop.
+* ``ZarrCropDataset`` cuts 2D/2.5D samples around an organ's box (a cascade's stage 2).
 * ``ShardedSampler`` permutes items by (seed, epoch) and gives rank r the items ``perm[r::world]``;
   DataLoader workers split a rank's stream batch by batch, so each sample is read once per epoch
   per world (``even=True`` wraps at most world-1 items so that all ranks take equal steps).
@@ -41,6 +42,7 @@ from hpc_seg.errors import StoreError
 from hpc_seg.ingest.catalog import Store
 from hpc_seg.ingest.index import from_runs
 from hpc_seg.preprocessing.augment import augment, resize_label
+from hpc_seg.preprocessing.crop import class_mask, crop_box, organ_box
 from hpc_seg.preprocessing.labels import case_label_map
 from hpc_seg.preprocessing.plan import PreprocessingPlan, model_input
 from hpc_seg.preprocessing.slices import edge_indices, window
@@ -131,7 +133,7 @@ class ZarrCaseDataset(Dataset):
         """The item's first-slice coordinate for a sample drawn at foreground slice ``z``."""
         return z
 
-    def read(self, ci: int, z: int) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, ci: int, z: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -162,7 +164,7 @@ class ZarrCaseDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         rng = np.random.default_rng([self.seed, epoch, index])
         ci, z = self._pick(index, rng)
-        raw, lab = self.read(ci, z)
+        raw, lab = self.read(ci, z, rng)
         image = model_input(self.plan, raw[None])[0]
         label = resize_label(torch.from_numpy(lab.astype(np.int64)), self.plan.size)
         if self.train and self.cfg.augment.enabled:
@@ -175,7 +177,7 @@ class ZarrSliceDataset(ZarrCaseDataset):
 
     modes = ("2d", "2.5d")
 
-    def read(self, ci: int, z: int) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, ci: int, z: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw (C*k, H, W) image (channel-major) and (H, W) label of the sample at slice ``z``."""
         image, label = self._case(ci)
         img, _ = _read_window(image, *window(z, self.cfg.mode, slices=self.cfg.slices), self.depths[ci])
@@ -193,7 +195,7 @@ class ZarrPatchDataset(ZarrCaseDataset):
     def start(self, ci: int, z: int) -> int:
         return max(0, min(z - self.cfg.patch_depth // 2, self.depths[ci] - self.cfg.patch_depth))
 
-    def read(self, ci: int, z: int) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, ci: int, z: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw (C, D, H, W) image and (D, H, W) label of the patch from slice ``z``; past the last
         slice the image repeats the edge slice and the label is background."""
         image, label = self._case(ci)
@@ -205,10 +207,74 @@ class ZarrPatchDataset(ZarrCaseDataset):
         return img, np.where(inside, lab, 0).astype(np.uint8)
 
 
+class ZarrCropDataset(ZarrSliceDataset):
+    """Samples cut around an organ: a cascade's stage 2 (``data.crop_around``, ``plan.crop``).
+
+    Each case's box is the 3D bounding box of its reference organ (the store classes named in
+    ``plan.crop["around"]``), grown by ``crop_margin`` of its extent per axis and, in training, with each
+    edge moved by up to ``crop_jitter`` of it (``hpc_seg.preprocessing.crop``, the rule inference uses
+    on stage 1's organ without jitter). Items are the slices of the box (margin included); a 2.5D stack
+    repeats the box's edge slice past its ends, as inference on the cropped volume does. The crop is
+    resized to the plan's input size by ``model_input`` like any slice. A case that marks no organ
+    gives no items. Boxes are found on first use of a case in each process (its label volume read once).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.plan.crop:
+            raise StoreError("ZarrCropDataset needs a plan with a crop (data.crop_around)")
+        classes = list(self.store.index["classes"])
+        self.organ = [c for c in self.plan.crop["around"] if c in classes]
+        self._boxes: dict[int, tuple] = {}
+        keep = []
+        for ci, cid in enumerate(self.case_ids):
+            zr = self._z_range(cid, classes)
+            if zr is not None:
+                keep += [(ci, z) for z in range(*zr)]
+        if not keep and self.case_ids:
+            raise StoreError(f"{self.store}: no case of {len(self.case_ids)} marks {self.organ}: nothing to crop around")
+        self.items = np.array(keep, dtype=np.int64).reshape(-1, 2)
+
+    def _z_range(self, cid: str, classes: list[str]) -> tuple[int, int] | None:
+        """The box's slices with the margin (no jitter), from the index: no voxel is read."""
+        stats = self.store.index["cases"][cid]["stats"]
+        zs = [from_runs(stats["slices_with_class"].get(str(classes.index(c)), [])) for c in self.organ]
+        zs = np.concatenate(zs) if zs else np.zeros(0, np.int64)
+        if zs.size == 0:
+            return None
+        depth = stats["shape"][0]
+        cut = crop_box(((int(zs.min()), int(zs.max()) + 1), (0, 1), (0, 1)), (depth, 1, 1), self.cfg.crop_margin)
+        return cut[0].start, cut[0].stop
+
+    def _box(self, ci: int) -> tuple:
+        if ci not in self._boxes:
+            _, label = self.store.case(self.case_ids[ci])
+            lab = label[...]
+            self._boxes[ci] = (organ_box(class_mask(lab, self.store.index["classes"], self.organ)), lab.shape)
+        return self._boxes[ci]
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_boxes": {}}
+
+    def read(self, ci: int, z: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (C*k, h, w) crop and (h, w) label of slice ``z`` of case ``ci``'s box."""
+        box, shape = self._box(ci)
+        jitter = rng if self.train else None
+        zs, ys, xs = crop_box(box, shape, self.cfg.crop_margin, self.cfg.crop_jitter, jitter)
+        zlo, zhi = min(zs.start, z), max(zs.stop, z + 1)  # a jittered box still holds its item's slice
+        lo, hi = window(z, self.cfg.mode, slices=self.cfg.slices)
+        idx = np.clip(np.arange(lo, hi), zlo, zhi - 1)
+        image, label = self._case(ci)
+        a, b = int(idx.min()), int(idx.max()) + 1
+        img = image[:, a:b][:, idx - a][:, :, ys, xs]
+        return img.reshape(-1, *img.shape[2:]), label[z][ys, xs]
+
+
 def make_dataset(store: Store | str | Path, case_ids: list[str], cfg: DataConfig, train: bool, seed: int = 0,
                  plan: PreprocessingPlan | None = None) -> ZarrCaseDataset:
-    """The dataset of ``cfg.mode``: :class:`ZarrPatchDataset` for ``3d``, else :class:`ZarrSliceDataset`."""
-    cls = ZarrPatchDataset if cfg.mode == "3d" else ZarrSliceDataset
+    """The dataset of ``cfg.mode``: :class:`ZarrPatchDataset` for ``3d``, :class:`ZarrCropDataset`
+    when samples are cut around an organ (``data.crop_around``), else :class:`ZarrSliceDataset`."""
+    cls = ZarrPatchDataset if cfg.mode == "3d" else ZarrCropDataset if cfg.crop_around else ZarrSliceDataset
     return cls(store, case_ids, cfg, train=train, seed=seed, plan=plan)
 
 

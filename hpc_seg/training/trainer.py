@@ -32,6 +32,7 @@ from hpc_seg.distributed.checkpoint import CheckpointError, CheckpointManager
 from hpc_seg.distributed.ds_config import deepspeed_config
 from hpc_seg.training.optim import build_optimizer, build_scheduler
 from hpc_seg.training.runlog import RunLog
+from hpc_seg.training.tracking_uri import absolute_store, public_config
 from hpc_seg.training.runtime import (Throughput, buffers_match_params, check_precision_supported, configure_backends,
                                     match_buffer_dtypes, rng_state, set_rng_state)
 from hpc_seg.training.validation import validate
@@ -67,6 +68,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: str | None = None):
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        cfg.tracking.uri = absolute_store(cfg.tracking.uri)  # a relative sqlite path: against the start's cwd
         self.step = self.epoch = self.batches_in_epoch = 0
         self.history: list[dict] = []
         self.best: tuple[float, str] | None = None
@@ -136,7 +138,7 @@ class Trainer:
     def _write_run_files(self) -> None:
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(_written(self.cfg), sort_keys=False))
             atomic_write_json(self.run_dir / "ds_config.json", self.ds_config)
             atomic_write_text(self.run_dir / PLAN_FILE, self.plan.to_json())
         coll.barrier()
@@ -230,12 +232,12 @@ class Trainer:
     def state_dict(self) -> dict:
         """Client state saved beside DeepSpeed's shards (identical on every rank)."""
         return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                "history": self.history, "best": self.best, "config": to_dict(self.cfg),
+                "history": self.history, "best": self.best, "config": _written(self.cfg),
                 "code_version": code_version(), "world_size": self.env.world_size}
 
     def save(self) -> str:
         meta = {"zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.cfg.deepspeed.precision,
-                "model": self.cfg.model.name, "code_version": code_version(), "config": to_dict(self.cfg)}
+                "model": self.cfg.model.name, "code_version": code_version(), "config": _written(self.cfg)}
         rank_state = {"rng": rng_state(), "rank": self.env.rank}
         tag = self.ckpt.save(self.engine, self.step, self.state_dict(), rank_state, meta)
         self._saved_step = self.step
@@ -270,7 +272,7 @@ class Trainer:
         if saved is None:
             raise HpcSegError(f"{where}: the checkpoint records no config, so this run cannot be checked for a "
                               f"compatible resume; start a new run directory")
-        refused, warned, other = compare(_as_current(saved), to_dict(self.cfg))
+        refused, warned, other = compare(public_config(_as_current(saved)), _written(self.cfg))
         if refused:
             raise HpcSegError(f"{where}: cannot resume with this config; these keys change tensor shapes or the "
                               f"optimizer state: " + "; ".join(refused) + ". Restore them or start a new run directory")
@@ -426,6 +428,11 @@ class Trainer:
 
     def close(self) -> None:
         coll.destroy()
+
+
+def _written(cfg: Config) -> dict:
+    """The config as the run directory and checkpoints keep it: no tracking URI's user and password."""
+    return public_config(to_dict(cfg))
 
 
 def _as_current(saved: dict) -> dict:
