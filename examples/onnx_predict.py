@@ -79,6 +79,9 @@ def main(model_path: str, ct_path: str, out_path: str) -> None:
     plan = json.loads(meta["hpc_seg.plan"])
     if plan.get("version") != PLAN_VERSION:
         sys.exit(f"{model_path}: preprocessing plan version {plan.get('version')}; this script reads {PLAN_VERSION}")
+    if plan.get("crop"):
+        sys.exit(f"{model_path}: a cascade's stage 2 (it sees crops around {plan['crop']['around']}); "
+                 "this script runs single-stage models")
     settings = {"tta": False, "postprocess": False, **json.loads(meta.get("hpc_seg.inference", "{}"))}
     img = nib.load(ct_path)
     canon = nib.as_closest_canonical(img)

@@ -1,3 +1,3 @@
 """hpc-seg: distributed training toolkit for liver tumour segmentation from CT."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

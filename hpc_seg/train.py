@@ -66,17 +66,12 @@ def run(args) -> int:
     if nproc > 1 and detect_env().world_size == 1:
         return launch_local(nproc, args, run_dir)
     from hpc_seg.distributed import collectives as coll
-    from hpc_seg.training.stages import trainers
+    from hpc_seg.training import stages
 
-    code = 0
     try:
-        for trainer in trainers(cfg, run_dir, resume=args.resume):  # one, or a cascade's stages
-            code = trainer.fit()
-            if code != 0:
-                break
+        return stages.run(cfg, run_dir, resume=args.resume).code  # one trainer, or a cascade's stages
     finally:
         coll.destroy()
-    return code
 
 
 def launch_local(nproc: int, args, run_dir: Path) -> int:

@@ -97,6 +97,9 @@ def cmd_predict(args) -> int:
 
 
 def volumes_line(info: dict) -> str:
+    if not info.get("spacing_plausible", True):
+        return (f"no volumes: the spacing {info['spacing_mm']} mm gives a field of view of {info['field_of_view_mm']} mm, "
+                f"no CT's; {info.get('lesions', '?')} lesion(s), burden {info.get('tumour_burden')}")
     if "tumour_ml" in info:
         burden = "" if info["tumour_burden"] is None else f", burden {100 * info['tumour_burden']:.2f} %"
         return (f"liver {info['liver_ml']:.1f} ml, tumour {info['tumour_ml']:.1f} ml{burden}, "

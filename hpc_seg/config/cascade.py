@@ -16,11 +16,32 @@ from hpc_seg.errors import ConfigError
 STAGES = ("stage1", "stage2")
 
 
+# Keys both stages must share: one store and split (else stage 2 trains on stage 1's test cases),
+# one job and process group, one tracking run; and the crop itself comes from cascade.organ.
+SHARED = ("data.store", "data.source", "data.kind", "data.extra_sources", "data.split_seed", "data.val_fraction",
+          "data.test_fraction", "data.crop_around", "slurm", "tracking", "train.processes", "deepspeed.comm_timeout_s")
+
+
+def _flat(items: dict, prefix: str = "") -> dict:
+    """``{a: {b: 1}, "c.d": 2}`` → ``{"a.b": 1, "c.d": 2}``: a nested value sets keys, never a whole section."""
+    out = {}
+    for key, value in items.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and not dotted.endswith(("model.overrides", "deepspeed.extra", "slurm.extra")):
+            out.update(_flat(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
 def _set(raw: dict, dotted: str, value, source: str) -> None:
     node = raw
     parts = [p for p in str(dotted).split(".") if p]
     if not parts:
         raise ConfigError(f"{source}: cascade.stage2 has an empty key")
+    if parts[0] == "cascade" or any(dotted == k or dotted.startswith(k + ".") for k in SHARED):
+        raise ConfigError(f"{source}: cascade.stage2 cannot set {dotted!r}: both stages share it "
+                          "(set it once, outside cascade.stage2)")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
@@ -39,9 +60,9 @@ def stage_configs(cfg: Config, source: str = "<config>") -> list[tuple[str, Conf
     two = copy.deepcopy(base)
     two["name"] = f"{cfg.name}-stage2"
     two["data"]["crop_around"] = list(cfg.cascade.organ)
-    for key, value in cfg.cascade.stage2.items():
-        if str(key).split(".")[0] == "cascade":
-            raise ConfigError(f"{source}: cascade.stage2 cannot set {key!r} (a stage is no cascade)")
+    if not cfg.cascade.organ:
+        raise ConfigError(f"{source}: cascade.organ is empty: stage 2 needs classes to crop around")
+    for key, value in _flat(cfg.cascade.stage2).items():
         _set(two, key, value, source)
     return [(STAGES[0], from_dict(Config, one, source=f"{source} (stage 1)")),
             (STAGES[1], from_dict(Config, two, source=f"{source} (cascade.stage2)"))]

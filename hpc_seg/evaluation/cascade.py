@@ -6,7 +6,8 @@
   ``stage2.…``), the cascade config, stage 1's plan (``plan``) and stage 2's (``plan_stage2``, with
   its crop). ONNX holds one graph per file: a cascade is refused there, in one line.
 * Inference (:func:`case_labels`, used by ``evaluate`` and ``predict``): stage 1 on the whole case,
-  its largest organ component (the classes of ``plan_stage2.crop["around"]``), that component's box
+  its organ (the classes of ``plan_stage2.crop["around"]``: the 26-connected components of at least
+  a tenth of the largest one's size, :func:`main_components`), their box
   grown by the plan's margin (``hpc_seg.preprocessing.crop``), stage 2 on the cropped sub-volume,
   its labels pasted into an all-background case. No organ found: all background.
 """
@@ -21,14 +22,18 @@ import torch
 import yaml
 
 from hpc_seg.config import Config, to_dict
-from hpc_seg.config.cascade import STAGES, stage_configs
+from hpc_seg.config.cascade import STAGES
+from hpc_seg.config.loader import from_dict, rename_former_keys
 from hpc_seg.distributed.consolidate import consolidated_state_dict
 from hpc_seg.errors import HpcSegError, PlanError
-from hpc_seg.evaluation.inference import LabelPrediction, postprocess, predict_labels
+from hpc_seg.evaluation.inference import LabelPrediction, predict_labels
+from hpc_seg.metrics.volumes import components
 from hpc_seg.evaluation.model_io import _model_for, load_for_eval, resolve_checkpoint, run_config
 from hpc_seg.preprocessing.crop import class_mask, crop_box, organ_box
 from hpc_seg.preprocessing.plan import PreprocessingPlan, read_run_plan
 from hpc_seg.storage.atomic import atomic_write_bytes
+
+MIN_COMPONENT_SHARE = 0.1  # stage 1's organ parts kept for the box, as a share of the largest part
 
 
 class Cascade(torch.nn.Module):
@@ -43,7 +48,12 @@ class Cascade(torch.nn.Module):
 
 
 def is_cascade_dir(path: Path) -> bool:
-    return all((Path(path) / s).is_dir() for s in STAGES) and (Path(path) / "config.yaml").is_file()
+    """A run directory whose config is a cascade (whether or not both stages have run yet)."""
+    cfg = Path(path) / "config.yaml"
+    if not cfg.is_file():
+        return False
+    raw = yaml.safe_load(cfg.read_text()) or {}
+    return bool((raw.get("cascade") or {}).get("enabled"))
 
 
 def load_model(source: str | Path, tag: str = "best", prefer_gpu: bool = True):
@@ -53,7 +63,9 @@ def load_model(source: str | Path, tag: str = "best", prefer_gpu: bool = True):
     if source.is_dir() and is_cascade_dir(source):
         cfg = run_config(source)
         stages = []
-        for name, stage_cfg in stage_configs(cfg, str(source)):
+        for name in STAGES:
+            if not (source / name / "plan.json").is_file():
+                raise HpcSegError(f"{source / name}: this cascade stage has not been trained yet")
             model, _, plan = load_for_eval(source / name, tag, prefer_gpu)
             stages += [model, plan]
         return Cascade(*stages), cfg, stages[1]
@@ -83,13 +95,13 @@ def _load_file(source: Path):
     with safe_open(str(source), framework="pt") as f:
         meta = f.metadata()
     state = load_file(str(source))
-    from hpc_seg.config.loader import from_dict, rename_former_keys
-
     cfg = from_dict(Config, rename_former_keys(Config, yaml.safe_load(meta["config"]), warn=False),
                     source=f"{source} (embedded config)")
     plans = [PreprocessingPlan.from_dict(json.loads(meta[k]), source=f"{source} ({k})") for k in ("plan", "plan_stage2")]
     stages = []
-    for (name, stage_cfg), plan in zip(stage_configs(cfg, str(source)), plans):
+    for name, plan in zip(STAGES, plans):  # each stage built from the config it was trained with
+        stage_cfg = from_dict(Config, rename_former_keys(Config, yaml.safe_load(meta[f"config_{name}"]), warn=False),
+                              source=f"{source} (config_{name})")
         part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         stages += [_model_for(stage_cfg, plan, part, f"{source} ({name})"), plan]
     return Cascade(*stages), cfg, plans[0]
@@ -107,7 +119,9 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "best") -> Path:
                           "holds one graph, and a cascade file for onnxruntime is not built yet")
     cfg = run_config(run_dir)
     state, meta = {}, {"config": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
-    for (name, stage_cfg), key in zip(stage_configs(cfg, str(run_dir)), ("plan", "plan_stage2")):
+    for name, key in zip(STAGES, ("plan", "plan_stage2")):
+        stage_cfg = run_config(run_dir / name)  # as the stage was trained: the file and the directory agree
+        meta[f"config_{name}"] = yaml.safe_dump(to_dict(stage_cfg), sort_keys=False)
         plan = read_run_plan(run_dir / name)
         root, stage_tag = resolve_checkpoint(run_dir / name, tag)
         part = consolidated_state_dict(root, stage_tag)
@@ -120,8 +134,8 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "best") -> Path:
 def cascade_labels(model: Cascade, image: np.ndarray, device, amp, tta: bool) -> np.ndarray:
     """(Z, Y, X) labels of a raw (C, Z, Y, X) case: stage 1's organ, its box, stage 2 inside it."""
     p1, p2 = model.plan1, model.plan2
-    first = postprocess(predict_labels(model.stage1, p1, image, device, amp, tta=tta).labels, p1.classes)
-    box = organ_box(class_mask(first, p1.classes, p2.crop["around"]))
+    first = predict_labels(model.stage1, p1, image, device, amp, tta=tta).labels
+    box = organ_box(main_components(class_mask(first, p1.classes, p2.crop["around"])))
     out = np.zeros(first.shape, np.uint8)
     if box is None:
         return out
@@ -129,6 +143,16 @@ def cascade_labels(model: Cascade, image: np.ndarray, device, amp, tta: bool) ->
     sub = np.ascontiguousarray(image[(slice(None), *cut)])
     out[cut] = predict_labels(model.stage2, p2, sub, device, amp, tta=tta).labels
     return out
+
+
+def main_components(mask: np.ndarray, share: float = MIN_COMPONENT_SHARE) -> np.ndarray:
+    """The organ's components (26-connectivity) of at least ``share`` of the largest one's voxels:
+    stray false positives leave the box, a liver that stage 1 split in two keeps both parts."""
+    comp, n = components(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(comp.ravel())[1:]
+    return np.isin(comp, 1 + np.flatnonzero(sizes >= share * sizes.max()))
 
 
 def case_labels(model, plan: PreprocessingPlan, image: np.ndarray, device, amp=None, tta: bool = False,

@@ -80,6 +80,9 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "best") -> Path:
         require_onnx(out)  # before minutes of consolidation
     cfg = run_config(run_dir)
     plan = read_run_plan(run_dir)
+    if plan.crop:
+        raise PlanError(f"{run_dir}: a cascade's stage 2 (it sees crops around {plan.crop['around']}); export the "
+                        "cascade's run directory, which holds both stages")
     root, tag = resolve_checkpoint(run_dir, tag)
     state = consolidated_state_dict(root, tag)
     model = _model_for(cfg, plan, state, str(root / tag))  # refuse to write weights that do not fit the config

@@ -69,7 +69,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         from hpc_seg.config import Config
         from hpc_seg.config.loader import from_dict, rename_former_keys
         from hpc_seg.distributed import collectives as coll
-        from hpc_seg.training.stages import final_path, trainers
+        from hpc_seg.training import stages
+        from hpc_seg.training.stages import final_path
         from hpc_seg.training.trainer import EXIT_OK, EXIT_PREEMPTED
 
         env = submitit.JobEnvironment()
@@ -83,22 +84,18 @@ class TrainJob(submitit.helpers.Checkpointable):
             from hpc_seg.ingest.prepare import prepare_for_config
 
             prepare_for_config(cfg)
-        code, trainer = EXIT_OK, None
         try:
-            for trainer in trainers(cfg, self.run_dir, resume="latest"):  # one, or a cascade's stages
-                code = trainer.fit()
-                if code != EXIT_OK:
-                    break
+            result = stages.run(cfg, self.run_dir, resume="latest")  # one trainer, or a cascade's stages
         finally:
             coll.destroy()
-        if code == EXIT_PREEMPTED:
-            sig = trainer.stop_signal or signal.SIGUSR2  # rank 0 may not have been signalled itself
-            previous = trainer.previous_handlers.get(sig)
+        if result.code == EXIT_PREEMPTED:
+            sig = result.stop_signal or signal.SIGUSR2  # rank 0 may not have been signalled itself
+            previous = result.handlers.get(sig)
             if env.global_rank == 0 and callable(previous):
                 previous(sig, None)  # submitit: checkpoint() → requeue → exit
-            return {"status": "preempted", "step": trainer.step}
-        if code != EXIT_OK:
-            raise RuntimeError(f"training in {self.run_dir} stopped with exit code {code}")
+            return {"status": "preempted", "step": result.step}
+        if result.code != EXIT_OK:
+            raise RuntimeError(f"training in {self.run_dir} stopped with exit code {result.code}")
         return json.loads(final_path(cfg, self.run_dir).read_text())
 
     def checkpoint(self, *args, **kwargs):

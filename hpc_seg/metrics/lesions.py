@@ -14,14 +14,16 @@ Matching rules:
   predicted; F1 their harmonic mean; the ``_iou50`` figures with matched pairs on both sides.
 * A detected lesion's Dice is between the reference lesion and the union of the predicted lesions
   that overlap it.
-* ``by_size``: reference lesions by volume, < 1 ml, 1–10 ml, > 10 ml (the spacing of the case).
+* ``by_size``: reference lesions by volume, < 1 ml, 1–10 ml, > 10 ml (the spacing of the case;
+  None for a case whose spacing is implausible, ``volumes.spacing_plausible``, and left out of the
+  pooled bins, counted in ``cases_without_sizes``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from hpc_seg.metrics.volumes import components
+from hpc_seg.metrics.volumes import components, spacing_plausible
 
 SIZE_BINS = (("<1ml", 0.0, 1.0), ("1-10ml", 1.0, 10.0), (">10ml", 10.0, float("inf")))
 COUNTS = ("reference", "predicted", "detected", "detected_iou50", "false_positives", "predicted_matched",
@@ -60,6 +62,7 @@ def _iou50_pairs(inter: np.ndarray, ref_size: np.ndarray, pred_size: np.ndarray)
 
 def case_lesions(pred: np.ndarray, ref: np.ndarray, spacing_zyx) -> dict:
     """Lesion figures of one case from its predicted and reference tumour masks (Z, Y, X)."""
+    plausible = spacing_plausible(spacing_zyx, ref.shape)
     voxel_ml = float(np.prod([float(s) for s in spacing_zyx])) / 1000.0
     ref_lab, n_ref = components(ref)
     pred_lab, n_pred = components(pred)
@@ -72,12 +75,12 @@ def case_lesions(pred: np.ndarray, ref: np.ndarray, spacing_zyx) -> dict:
         ml = float(ref_size[i]) * voxel_ml
         union_pred = int(pred_size[hit[i]].sum())
         dice = 2 * int(inter[i][hit[i]].sum()) / (int(ref_size[i]) + union_pred) if hit[i].any() else None
-        lesions.append({"ml": round(ml, 4), "detected": bool(hit[i].any()), "dice": dice})
+        lesions.append({"ml": round(ml, 4) if plausible else None, "detected": bool(hit[i].any()), "dice": dice})
     out = {"reference": n_ref, "predicted": n_pred, "detected": int(hit.any(1).sum()),
            "detected_iou50": _iou50_pairs(inter, ref_size, pred_size),
            "false_positives": int((~hit.any(0)).sum()), "predicted_matched": int(hit.any(0).sum())}
     out["matched_iou50"] = out["detected_iou50"]
-    out["by_size"] = _by_size(lesions)
+    out["by_size"] = _by_size(lesions) if plausible else None  # no sizes without a spacing to trust
     out["lesion_dice"] = [le["dice"] for le in lesions if le["detected"]]
     out["reference_lesions"] = lesions
     return _with_rates(out)
@@ -107,9 +110,11 @@ def sum_lesions(per_case: list[dict]) -> dict:
     """The cases' counts summed and the rates recomputed from the sums (pooled, not averaged)."""
     out = {k: sum(c[k] for c in per_case) for k in COUNTS}
     out["by_size"] = {}
+    sized = [c for c in per_case if c["by_size"] is not None]
+    out["cases_without_sizes"] = len(per_case) - len(sized)
     for name, _, _ in SIZE_BINS:
-        ref = sum(c["by_size"][name]["reference"] for c in per_case)
-        found = sum(c["by_size"][name]["detected"] for c in per_case)
+        ref = sum(c["by_size"][name]["reference"] for c in sized)
+        found = sum(c["by_size"][name]["detected"] for c in sized)
         out["by_size"][name] = {"reference": ref, "detected": found, "recall": _ratio(found, ref)}
     out["lesion_dice"] = [d for c in per_case for d in c["lesion_dice"]]
     out = _with_rates(out)

@@ -95,7 +95,10 @@ class PreprocessingPlan:
 
     # -------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["crop"] is None:  # a plan without a crop reads as before: hpc-seg 0.3 knows no 'crop' key
+            del d["crop"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)

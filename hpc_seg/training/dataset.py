@@ -216,7 +216,9 @@ class ZarrCropDataset(ZarrSliceDataset):
     on stage 1's organ without jitter). Items are the slices of the box (margin included); a 2.5D stack
     repeats the box's edge slice past its ends, as inference on the cropped volume does. The crop is
     resized to the plan's input size by ``model_input`` like any slice. A case that marks no organ
-    gives no items. Boxes are found on first use of a case in each process (its label volume read once).
+    gives no items, and so does a case that does not annotate the organ's first class (a tumour-only
+    mask gives no liver box). Boxes are found on first use of a case in each process (its label
+    volume read once).
     """
 
     def __init__(self, *args, **kwargs):
@@ -231,12 +233,15 @@ class ZarrCropDataset(ZarrSliceDataset):
             zr = self._z_range(cid, classes)
             if zr is not None:
                 keep += [(ci, z) for z in range(*zr)]
-        if not keep and self.case_ids:
+        if not keep and self.case_ids and self.train:  # validation: a rank's share may hold none (it then pads)
             raise StoreError(f"{self.store}: no case of {len(self.case_ids)} marks {self.organ}: nothing to crop around")
         self.items = np.array(keep, dtype=np.int64).reshape(-1, 2)
 
     def _z_range(self, cid: str, classes: list[str]) -> tuple[int, int] | None:
         """The box's slices with the margin (no jitter), from the index: no voxel is read."""
+        annotated = self.store.index["cases"][cid].get("annotated")
+        if annotated is not None and self.organ[0] not in annotated:  # e.g. tumour marked, liver not: no box
+            return None
         stats = self.store.index["cases"][cid]["stats"]
         zs = [from_runs(stats["slices_with_class"].get(str(classes.index(c)), [])) for c in self.organ]
         zs = np.concatenate(zs) if zs else np.zeros(0, np.int64)

@@ -161,3 +161,23 @@ def test_killed_rank_ends_job_fast_and_requeues(tmp_path, phantom_store, slurm_c
     restarted = json.loads((run / "ranks" / "rank0.json").read_text())
     assert restarted["slurm_restart_count"] == "1" and json.loads((run / "final.json").read_text())["step"] == 40
     assert ended_s < 120
+
+
+def test_cascade_is_one_job_and_a_preempted_stage_2_requeues(tmp_path, phantom_store, slurm_cluster):
+    """Both stages in one SLURM job; USR2 during stage 2 saves, hands the signal to submitit, which
+    requeues; the requeued job skips the finished stage 1 and resumes stage 2."""
+    sets = tiny_sets(phantom_store, 4) + ["--set", "cascade.enabled=true", "--set",
+                                          "cascade.stage2={train.max_steps: 40, data.size: [32, 32]}"]
+    r = submit("--config", "tiny_cpu.yaml", "--run-root", str(tmp_path), *sets)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = re.search(r"job (\d+) \(slurm\)", r.stdout).group(1)
+    run = tmp_path / "tiny_cpu"
+    assert wait_for(lambda: len(records(run / "stage2", "train")) >= 3, timeout=400), "stage 2 did not start"
+    stage1_final = (run / "stage1" / "final.json").stat().st_mtime_ns
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    assert wait_for(lambda: (run / "stage2" / "final.json").is_file(), timeout=600), "requeued job did not finish"
+    stop, resume = records(run / "stage2", "stop"), records(run / "stage2", "resume")
+    assert stop and stop[0]["reason"] == "signal" and resume and resume[0]["step"] == stop[0]["step"] < 40
+    assert json.loads((run / "stage2" / "final.json").read_text())["step"] == 40
+    assert (run / "stage1" / "final.json").stat().st_mtime_ns == stage1_final  # not trained again
+    assert json.loads((run / "stage2" / "ranks" / "rank0.json").read_text())["slurm_restart_count"] == "1"

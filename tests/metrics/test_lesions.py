@@ -10,7 +10,7 @@ from hpc_seg.metrics.lesions import case_lesions, sum_lesions
 def _case():
     """1 mm voxels (1 ml = 1000 voxels). Reference lesions A (12.5 ml), B (0.512 ml), C (1.728 ml,
     missed), D (2.1 ml, found as two predicted pieces); one predicted lesion overlaps nothing."""
-    ref, pred = np.zeros((60, 80, 80), bool), np.zeros((60, 80, 80), bool)
+    ref, pred = np.zeros((60, 400, 400), bool), np.zeros((60, 400, 400), bool)  # 400 mm across: a CT's view
     ref[0:20, 0:25, 0:25] = pred[0:20, 0:25, 0:25] = True  # A, predicted exactly
     ref[30:38, 0:8, 0:8] = True  # B
     pred[30:33, 0:8, 0:8] = True  # a third of B: detected, IoU 0.375
@@ -57,3 +57,13 @@ def test_pooled_over_cases_from_the_sums():
     assert s["lesion_dice_mean"] == pytest.approx(np.mean([1.0, 2 * 192 / 704, 4000 / 4100]))
     none = case_lesions(np.zeros((4, 4, 4), bool), np.zeros((4, 4, 4), bool), (1, 1, 1))
     assert none["recall"] is None and none["precision"] is None and none["f1"] is None
+
+
+def test_no_sizes_where_the_spacing_cannot_be_a_cts():
+    """A stale header (lits-tiny: 64 pixels at 0.66 mm = a 42 mm view) gives detection but no size bins."""
+    pred, ref = _case()
+    stale = case_lesions(pred[:, :64, :64], ref[:, :64, :64], (5.0, 0.66, 0.66))
+    assert stale["by_size"] is None and stale["reference"] >= 1 and all(le["ml"] is None for le in stale["reference_lesions"])
+    good = case_lesions(pred, ref, (1.0, 1.0, 1.0))
+    s = sum_lesions([good, stale])
+    assert s["cases_without_sizes"] == 1 and s["by_size"]["1-10ml"]["reference"] == 2  # the sized case's bins only

@@ -10,7 +10,7 @@ CLASSES = ["background", "liver", "tumour"]
 
 
 def test_volumes_burden_and_lesions():
-    lab = np.zeros((10, 20, 20), np.uint8)
+    lab = np.zeros((10, 400, 400), np.uint8)  # at 0.5 mm a 200 mm field of view: a CT's
     lab[1:9, 2:18, 2:18] = 1  # 8·16·16 = 2048 voxels of liver
     lab[2:4, 3:5, 3:5] = 2  # lesion A: 8 voxels
     lab[4, 5, 5] = 2  # touches A by a corner only: the same lesion under 26-connectivity
@@ -28,10 +28,21 @@ def test_volumes_burden_and_lesions():
 
 
 def test_no_liver_and_other_class_sets():
-    empty = case_volumes(np.zeros((2, 3, 3), np.uint8), (1, 1, 1), CLASSES)
+    empty = case_volumes(np.zeros((2, 300, 300), np.uint8), (1, 1, 1), CLASSES)
     assert empty["liver_ml"] == 0 and empty["tumour_burden"] is None and empty["lesions"] == 0
-    liver_only = case_volumes(np.ones((2, 3, 3), np.uint8), (1, 1, 1), ["background", "liver"])
-    assert liver_only["liver_ml"] == pytest.approx(0.018) and "lesions" not in liver_only
+    liver_only = case_volumes(np.ones((2, 300, 300), np.uint8), (1, 1, 1), ["background", "liver"])
+    assert liver_only["liver_ml"] == pytest.approx(180.0) and "lesions" not in liver_only
+
+
+def test_no_millilitres_from_a_spacing_no_ct_has():
+    lab = np.zeros((33, 64, 64), np.uint8)
+    lab[5:20, 10:40, 10:40] = 1
+    lab[8:10, 20:24, 20:24] = 2
+    stale = case_volumes(lab, (5.0, 0.664, 0.664), CLASSES)  # lits-tiny's header: a 42 mm field of view
+    assert stale["spacing_plausible"] is False and stale["field_of_view_mm"] == [42.5, 42.5]
+    assert stale["liver_ml"] is None and stale["tumour_ml"] is None and stale["volumes_ml"]["liver"] is None
+    assert stale["tumour_burden"] == pytest.approx(32 / (15 * 30 * 30), abs=1e-5) and stale["lesions"] == 1
+    assert case_volumes(lab, (5.0, 5.3, 5.3), CLASSES)["spacing_plausible"] is True  # its true spacing
 
 
 @pytest.mark.parametrize("label,meaning,cls", [("Liver", "", "liver"), ("ManualROI_Tumor", "", "tumour"),
