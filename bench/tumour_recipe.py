@@ -18,6 +18,7 @@ config runs as written.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -46,11 +47,16 @@ def _without(raw: dict, heldout: list[tuple[str, str]], work: Path) -> dict:
 
 
 def _stage_minutes(run: Path) -> dict:
+    """Minutes of each stage: the sum over its processes' lifetimes (a resume starts a new one: the
+    time between is not training)."""
     out = {}
     for stage in ("stage1", "stage2"):
         rows = [json.loads(x) for x in (run / stage / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        starts = [i for i, r in enumerate(rows) if r.get("type") == "startup"] or [0]
+        spans = [rows[a:b] for a, b in zip(starts, starts[1:] + [len(rows)])]
+        seconds = sum(span[-1]["time"] - span[0]["time"] for span in spans if span)
         train = [r for r in rows if r.get("type") == "train"]
-        out[stage] = {"minutes": round((rows[-1]["time"] - rows[0]["time"]) / 60, 2), "steps": train[-1]["step"],
+        out[stage] = {"minutes": round(seconds / 60, 2), "steps": train[-1]["step"],
                       "samples_per_s": round(train[-1].get("samples_per_s", 0.0), 2)}
     return out
 
@@ -105,6 +111,10 @@ def main(argv=None) -> dict:
     work = Path(args.work).resolve()
     raw = _without(load_raw(ROOT / args.config), heldout, work)
     names = "_".join(Path(p).name.replace("-", "") for _, p in heldout)
+    if args.overrides:  # another run: its own directory and result file, never the recipe's
+        tag = hashlib.sha256("\n".join(args.overrides).encode()).hexdigest()[:8]
+        raw["name"] += f"-sets-{tag}"
+        names += f"_sets_{tag}"
     args.out = args.out or str(ROOT / "bench" / "results" / f"recipe_{raw['name'].split('-minus-')[0]}_heldout_{names}.json")
     cfg_path = work / f"{raw['name']}.yaml"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)

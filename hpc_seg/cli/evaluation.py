@@ -97,11 +97,12 @@ def cmd_predict(args) -> int:
 
 
 def volumes_line(info: dict) -> str:
+    burden = "" if info.get("tumour_burden") is None else f", burden {100 * info['tumour_burden']:.2f} %"
     if not info.get("spacing_plausible", True):
+        counted = f", {info['lesions']} lesion(s)" if "lesions" in info else ""
         return (f"no volumes: the spacing {info['spacing_mm']} mm gives a field of view of {info['field_of_view_mm']} mm, "
-                f"no CT's; {info.get('lesions', '?')} lesion(s), burden {info.get('tumour_burden')}")
+                f"no CT's{burden}{counted}")
     if "tumour_ml" in info:
-        burden = "" if info["tumour_burden"] is None else f", burden {100 * info['tumour_burden']:.2f} %"
         return (f"liver {info['liver_ml']:.1f} ml, tumour {info['tumour_ml']:.1f} ml{burden}, "
                 f"{info['lesions']} lesion{'s' if info['lesions'] != 1 else ''}")
     return ", ".join(f"{k} {v:.1f} ml" for k, v in info["volumes_ml"].items())

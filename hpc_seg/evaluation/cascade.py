@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from hpc_seg.config import Config, to_dict
-from hpc_seg.config.cascade import STAGES
+from hpc_seg.config.cascade import STAGES, stage_configs
 from hpc_seg.config.loader import from_dict, rename_former_keys
 from hpc_seg.distributed.consolidate import consolidated_state_dict
 from hpc_seg.errors import HpcSegError, PlanError
@@ -99,9 +99,13 @@ def _load_file(source: Path):
                     source=f"{source} (embedded config)")
     plans = [PreprocessingPlan.from_dict(json.loads(meta[k]), source=f"{source} ({k})") for k in ("plan", "plan_stage2")]
     stages = []
+    derived = dict(stage_configs(cfg, str(source)))
     for name, plan in zip(STAGES, plans):  # each stage built from the config it was trained with
-        stage_cfg = from_dict(Config, rename_former_keys(Config, yaml.safe_load(meta[f"config_{name}"]), warn=False),
-                              source=f"{source} (config_{name})")
+        if f"config_{name}" not in meta:  # an export without them: the stage as the cascade config derives it
+            stage_cfg = derived[name]
+        else:
+            stage_cfg = from_dict(Config, rename_former_keys(Config, yaml.safe_load(meta[f"config_{name}"]),
+                                                             warn=False), source=f"{source} (config_{name})")
         part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         stages += [_model_for(stage_cfg, plan, part, f"{source} ({name})"), plan]
     return Cascade(*stages), cfg, plans[0]

@@ -116,6 +116,8 @@ def sum_lesions(per_case: list[dict]) -> dict:
         ref = sum(c["by_size"][name]["reference"] for c in sized)
         found = sum(c["by_size"][name]["detected"] for c in sized)
         out["by_size"][name] = {"reference": ref, "detected": found, "recall": _ratio(found, ref)}
+    if not sized:  # no case with a spacing to trust: no size bins at all, rather than bins of zeros
+        out["by_size"] = None
     out["lesion_dice"] = [d for c in per_case for d in c["lesion_dice"]]
     out = _with_rates(out)
     out["cases"] = len(per_case)

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
-FOV_MM = (150.0, 600.0)  # an abdominal CT's in-plane field of view lies well inside this
+FOV_MM = (150.0, 700.0)  # in-plane field of view of a body CT (child to extended-FOV reconstruction)
 
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -30,8 +30,9 @@ def field_of_view(spacing_zyx, shape_zyx) -> list[float]:
 
 def spacing_plausible(spacing_zyx, shape_zyx) -> bool:
     """Whether the spacing can be a CT's: its in-plane field of view lies in ``FOV_MM``. A header
-    left unchanged by a resampling (the shared lits-tiny: 64 × 0.66 mm = 42 mm) or no spacing at all
-    (lits-117: identity affine, 128 × 1 mm) fails; real CTs span about 250–500 mm."""
+    left unchanged by a resampling (the shared lits-tiny: 64 × 0.66 mm = 42 mm) fails; adult abdominal
+    CTs span about 250–500 mm. A crop of a real CT under 150 mm across fails too (no millilitres: a
+    false refusal, said in the figures' ``field_of_view_mm``)."""
     return all(FOV_MM[0] <= f <= FOV_MM[1] for f in field_of_view(spacing_zyx, shape_zyx))
 
 

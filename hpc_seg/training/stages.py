@@ -46,12 +46,36 @@ def stage_done(stage_dir: Path, stage_cfg: Config) -> bool:
     return final.is_file() and json.loads(final.read_text()).get("step", -1) >= stage_cfg.train.max_steps
 
 
+PATH_KEYS = (("data", "store"), ("data", "source"), ("data", "cache"), ("model", "pretrained"))
+
+
+def _normalised(raw: dict) -> dict:
+    """A config as both sides of the comparison see it: today's key names, every default filled, local
+    paths absolute (``hpc-seg submit`` writes them absolute, ``hpc-seg train`` as given)."""
+    import os
+
+    from hpc_seg.config.loader import from_dict, rename_former_keys
+
+    d = public_config(to_dict(from_dict(Config, rename_former_keys(Config, raw, warn=False), source="<saved>")))
+    local = (lambda v: isinstance(v, str) and "://" not in v)  # noqa: E731
+    for section, key in PATH_KEYS:
+        if local(d[section].get(key)):
+            d[section][key] = os.path.abspath(d[section][key])
+    for src in d["data"].get("extra_sources", []):
+        src["path"] = os.path.abspath(src["path"]) if local(src.get("path")) else src.get("path")
+    return d
+
+
 def _saved_differences(stage_dir: Path, stage_cfg: Config) -> tuple[list[str], list[str]]:
-    """(refused, warned) differences between a stage directory's saved config and ``stage_cfg``."""
+    """(refused, warned) differences between a stage directory's saved config and ``stage_cfg``; a
+    changed crop is refused (``crop_around``) or warned (margin, jitter) like a changed input."""
     saved = stage_dir / "config.yaml"
     if not saved.is_file():
         return [], []
-    refused, warned, _ = compare(yaml.safe_load(saved.read_text()) or {}, public_config(to_dict(stage_cfg)))
+    refused, warned, other = compare(_normalised(yaml.safe_load(saved.read_text()) or {}),
+                                     _normalised(to_dict(stage_cfg)))
+    refused += [x for x in other if x.startswith("data.crop_around")]
+    warned += [x for x in other if x.startswith(("data.crop_margin", "data.crop_jitter"))]
     return refused, warned
 
 
@@ -88,8 +112,8 @@ def _plan(cfg: Config, run_dir: Path, resume: str | None) -> dict[str, str]:
             _check_before_stage1(cfg, run_dir)
             decision = {name: _action(run_dir / name, c, resume) for name, c in stage_configs(cfg, str(run_dir))}
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(public_config(to_dict(cfg)), sort_keys=False))
-        except HpcSegError as exc:
-            decision = str(exc)
+        except Exception as exc:  # noqa: BLE001 - every rank must learn it, or they wait in the broadcast
+            decision = str(exc) if isinstance(exc, HpcSegError) else f"{type(exc).__name__}: {exc}"
     decision = coll.broadcast_object(decision)
     if isinstance(decision, str):
         raise HpcSegError(decision)
@@ -123,12 +147,10 @@ def release(trainer: Trainer) -> None:
     torch.cuda.empty_cache()  # a no-op without CUDA
 
 
-def _fit(trainer: Trainer, handlers: dict) -> RunResult:
-    trainer.previous_handlers = handlers  # a stop hands on to the process's own handler, not a stage's
-    code = trainer.fit()
+def _restore(handlers: dict) -> None:
     for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    return RunResult(code, trainer.stop_signal, trainer.step, handlers)
+        if handler is not None:  # None: installed from C, cannot be set again from Python
+            signal.signal(sig, handler)
 
 
 def run(cfg: Config, run_dir: str | Path, resume: str | None = None) -> RunResult:
@@ -136,19 +158,42 @@ def run(cfg: Config, run_dir: str | Path, resume: str | None = None) -> RunResul
     run_dir = Path(run_dir)
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     if not cfg.cascade.enabled:
-        return _fit(Trainer(cfg, run_dir, resume=resume).setup(), handlers)
+        trainer = Trainer(cfg, run_dir, resume=resume).setup()
+        return RunResult(trainer.fit(), trainer.stop_signal, trainer.step, handlers)
+    try:
+        return _run_stages(cfg, run_dir, resume, handlers)
+    finally:
+        _restore(handlers)
+
+
+def _run_stages(cfg: Config, run_dir: Path, resume: str | None, handlers: dict) -> RunResult:
+    """The stages in order. Between them a run-level handler keeps any stop signal (a stage's own
+    handler holds it only while that stage is set up); before the next stage all ranks agree on
+    whether any of them was signalled, so they stop together."""
+    from hpc_seg.distributed import collectives as coll
+
+    caught: list[int] = []
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
     actions = _plan(cfg, run_dir, resume)
+    todo = [(n, c) for n, c in stage_configs(cfg, str(run_dir / "config.yaml")) if actions[n] != "skip"]
     result = RunResult(EXIT_OK, handlers=handlers)
-    for name, stage_cfg in stage_configs(cfg, str(run_dir / "config.yaml")):
-        if actions[name] == "skip":
-            continue
+    for i, (name, stage_cfg) in enumerate(todo):
         trainer = Trainer(stage_cfg, run_dir / name, resume="latest" if actions[name] == "resume" else None).setup()
-        result = _fit(trainer, handlers)
+        trainer.previous_handlers = handlers  # a stop hands on to the process's own handler (submitit's requeue)
+        if caught and trainer.stop_signal is None:
+            trainer._on_signal(caught[-1], None)  # arrived while the stage was set up: it saves at its first step
+        result = RunResult(trainer.fit(), trainer.stop_signal, trainer.step, handlers)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda signum, frame: caught.append(signum))
         release(trainer)
         del trainer
-        if result.code != EXIT_OK or result.stop_signal is not None:  # a signal while a stage finished: stop here
-            result.code = result.code if result.code != EXIT_OK else EXIT_PREEMPTED
+        if result.code != EXIT_OK:
             break
+        if i + 1 < len(todo):  # a signal while this stage finished: every rank stops before the next
+            stop = int(coll.all_max(float(result.stop_signal or (caught[-1] if caught else 0))))
+            if stop:
+                return RunResult(EXIT_PREEMPTED, stop, result.step, handlers)
     return result
 
 
