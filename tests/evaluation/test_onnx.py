@@ -17,23 +17,9 @@ from hpc_seg.evaluation.inference import predict_probs
 from hpc_seg.evaluation.model_io import load_for_eval
 from hpc_seg.ingest.nifti_io import ct_to_int16, load_nifti, to_canonical
 from hpc_seg.preprocessing.plan import PLAN_VERSION
-from tests.conftest import FIXTURES
-from tests.runs import ROOT, run_train
+from tests.runs import ROOT
 
-CT = FIXTURES / "totalseg-ct" / "ct.nii.gz"  # a real CT (TotalSegmentator, Apache-2.0)
-SETS = ["data.size=[48,48]", "train.max_steps=8", "train.lr=0.01", "train.val_every_steps=0",
-        "checkpoint.every_steps=0", "data.mode=2.5d", "model.name=unet_aspp"]
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory, phantom_store):
-    """One trained run exported both ways (48² input: every CT slice is resized by the plan)."""
-    d = tmp_path_factory.mktemp("onnx")
-    r = run_train(d / "run", phantom_store, SETS, nproc=1)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    for name in ("m.safetensors", "m.onnx"):
-        assert main(["export", str(d / "run"), "--out", str(d / name)]) == 0
-    return d
+from tests.evaluation.conftest import CT  # the model: the ``exports`` fixture (tests/evaluation/conftest.py)
 
 
 def test_one_file_with_the_plan_and_a_dynamic_batch(exports):

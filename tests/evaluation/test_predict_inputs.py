@@ -15,21 +15,12 @@ import pytest
 from hpc_seg import __version__
 from hpc_seg.cli import main
 from tests.conftest import FIXTURES
+from tests.evaluation.conftest import CT
 from tests.ingest.dicom_fixtures import nifti_as_series, series_geometry, write_series
-from tests.runs import run_train
-
-CT = FIXTURES / "totalseg-ct" / "ct.nii.gz"  # a real CT (TotalSegmentator, Apache-2.0), 122×101×30 at 3 mm
-SETS = ["data.size=[48,48]", "train.max_steps=8", "train.lr=0.01", "train.val_every_steps=0",
-        "checkpoint.every_steps=0", "data.mode=2.5d", "model.name=unet_aspp"]
-
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, phantom_store):
-    d = tmp_path_factory.mktemp("predict")
-    r = run_train(d / "run", phantom_store, SETS, nproc=1)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert main(["export", str(d / "run"), "--out", str(d / "m.safetensors")]) == 0
-    return d / "m.safetensors"
+def model(exports):
+    return exports / "m.safetensors"  # tests/evaluation/conftest.py
 
 
 @pytest.fixture(scope="module")
