@@ -166,6 +166,12 @@ def run(cfg: Config, run_dir: str | Path, resume: str | None = None) -> RunResul
         _restore(handlers)
 
 
+def _keep_signals(caught: list[int]) -> None:
+    """The run-level stop handler: it only records the signal."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+
+
 def _run_stages(cfg: Config, run_dir: Path, resume: str | None, handlers: dict) -> RunResult:
     """The stages in order. Between them a run-level handler keeps any stop signal (a stage's own
     handler holds it only while that stage is set up); before the next stage all ranks agree on
@@ -173,8 +179,7 @@ def _run_stages(cfg: Config, run_dir: Path, resume: str | None, handlers: dict) 
     from hpc_seg.distributed import collectives as coll
 
     caught: list[int] = []
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    _keep_signals(caught)
     actions = _plan(cfg, run_dir, resume)
     todo = [(n, c) for n, c in stage_configs(cfg, str(run_dir / "config.yaml")) if actions[n] != "skip"]
     result = RunResult(EXIT_OK, handlers=handlers)
@@ -184,8 +189,7 @@ def _run_stages(cfg: Config, run_dir: Path, resume: str | None, handlers: dict) 
         if caught and trainer.stop_signal is None:
             trainer._on_signal(caught[-1], None)  # arrived while the stage was set up: it saves at its first step
         result = RunResult(trainer.fit(), trainer.stop_signal, trainer.step, handlers)
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, lambda signum, frame: caught.append(signum))
+        _keep_signals(caught)  # between stages: the run holds the signal, not the finished stage
         release(trainer)
         del trainer
         if result.code != EXIT_OK:
