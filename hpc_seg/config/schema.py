@@ -134,6 +134,7 @@ class TrainConfig:
     accumulation); the per-rank micro-batch is ``data.batch_size``."""
 
     max_steps: int = 200
+    max_minutes: Optional[float] = None  # also stop after this much training wall-clock; the schedule ends on it
     seed: int = 0
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-3
@@ -162,6 +163,8 @@ class TrainConfig:
             raise ValueError(f"train.processes must be >= 1, got {self.processes}")
         if self.max_steps < 1 or self.grad_accum < 1 or self.lr <= 0:
             raise ValueError("train.max_steps and train.grad_accum must be >= 1 and train.lr > 0")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"train.max_minutes must be > 0 (or null: no time budget), got {self.max_minutes}")
         if len(self.betas) != 2:
             raise ValueError("train.betas must have two values")
 

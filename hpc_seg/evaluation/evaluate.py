@@ -29,20 +29,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from hpc_seg.ingest.catalog import SPLITS, Store
 from hpc_seg.preprocessing.labels import case_label_map, merged_note, store_label_lut
 from hpc_seg.errors import HpcSegError
-from hpc_seg.evaluation.case_metrics import case_metrics
 from hpc_seg.evaluation.inference import postprocess as liver_postprocess
 from hpc_seg.evaluation.cascade import case_labels, load_model
 from hpc_seg.evaluation.model_io import device_and_dtype, inference_settings
 from hpc_seg.evaluation.onnx_io import OnnxModel
 from hpc_seg.evaluation.predict import save_case_prediction
+from hpc_seg.evaluation.score import add_case
 from hpc_seg.metrics import SegmentationMetrics, plot_pr_curve
-from hpc_seg.metrics.lesions import case_lesions, sum_lesions
-from hpc_seg.metrics.volumes import volume_errors
+from hpc_seg.metrics.lesions import sum_lesions
 from hpc_seg.models import count_parameters
 from hpc_seg.storage.atomic import atomic_write_json, atomic_write_text
 
@@ -113,24 +111,10 @@ def _score_case(g, cid: str, model, plan, metrics: SegmentationMetrics, lut: np.
     if out is not None:
         save_case_prediction(out / "predictions", cid, labels, dict(g.attrs["hpc_seg"]))
     label = lut.astype(np.uint8)[g["label"][...]]  # read after the prediction: nothing before it depends on it
-    metrics.add_labels(torch.from_numpy(labels)[None], torch.from_numpy(label)[None], case_ids=[cid],
-                       label_maps=torch.tensor([lmap]), pr_counts=pred.pr_counts(label, metrics.pr_class))
-    spacing = index["cases"][cid]["stats"]["spacing"]
-    figures = {"per_class": case_metrics(np.asarray(lmap, np.uint8)[labels], label, spacing, names,
-                                         annotated=set(lmap))}
-    figures.update(_lesion_figures(labels, label, spacing, names, set(lmap)))
+    figures = add_case(metrics, cid, labels, label, lmap, index["cases"][cid]["stats"]["spacing"], names,
+                       pr_counts=pred.pr_counts(label, metrics.pr_class))
     z = int(np.argmax((label > 0).sum(axis=(1, 2)))) if label.any() else label.shape[0] // 2
     return figures, (z, image[:, z], label[z], labels[z])  # one slice per case for the overlays, not volumes
-
-
-def _lesion_figures(labels: np.ndarray, label: np.ndarray, spacing, names: list[str], annotated: set[int]) -> dict:
-    """Lesion detection and volumes of a liver-tumour case that marks its tumours (a case that marks
-    liver only cannot say which predicted tumour is false: it gets none)."""
-    if "tumour" not in names or "liver" not in names or names.index("tumour") not in annotated:
-        return {}
-    t = names.index("tumour")
-    return {"lesions": case_lesions(labels == t, label == t, spacing),
-            "volumes_ml": volume_errors(labels, label, spacing, names)}
 
 
 def _write(out: Path, res: dict, shown: dict, names: list[str], source) -> None:

@@ -32,18 +32,23 @@ def build_optimizer(model: nn.Module, tr, offload: bool = False) -> torch.optim.
     return torch.optim.SGD(groups, lr=tr.lr, momentum=tr.momentum, nesterov=True)
 
 
-def lr_factor(step: int, tr) -> float:
-    """Multiplier of ``tr.lr`` at optimizer step ``step`` (0-based)."""
+def lr_factor(step: int, tr, time_fraction: float = 0.0) -> float:
+    """Multiplier of ``tr.lr`` at optimizer step ``step`` (0-based). ``time_fraction``: the share
+    of ``train.max_minutes`` spent (``hpc_seg.training.budget``); the decay runs on whichever of
+    steps and time is further along, so a time budget compresses the schedule to end on it."""
     if tr.schedule == "constant":
         return 1.0
     if step < tr.warmup_steps:
         return (step + 1) / tr.warmup_steps
     span = max(tr.max_steps - tr.warmup_steps, 1)
-    t = min((step - tr.warmup_steps) / span, 1.0)
+    t = min(max((step - tr.warmup_steps) / span, time_fraction), 1.0)
     if tr.schedule == "warmup_poly":
         return max((1 - t) ** tr.poly_power, tr.min_lr_ratio)
     return tr.min_lr_ratio + (1 - tr.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, tr) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tr))
+def build_scheduler(optimizer: torch.optim.Optimizer, tr, budget=None) -> torch.optim.lr_scheduler.LambdaLR:
+    """``budget``: a ``TimeBudget`` whose agreed fraction the schedule reads (a closure: LambdaLR
+    saves no state of it, the budget's seconds travel in the trainer's own checkpoint state)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, tr, budget.fraction if budget is not None else 0.0))

@@ -30,6 +30,7 @@ from hpc_seg.preprocessing.plan import PLAN_FILE
 from hpc_seg.distributed import env as hdist
 from hpc_seg.distributed.checkpoint import CheckpointError, CheckpointManager
 from hpc_seg.distributed.ds_config import deepspeed_config
+from hpc_seg.training.budget import TimeBudget
 from hpc_seg.training.optim import build_optimizer, build_scheduler
 from hpc_seg.training.runlog import RunLog
 from hpc_seg.training.tracking_uri import absolute_store, public_config
@@ -75,6 +76,7 @@ class Trainer:
         self.bad_steps = 0
         self._signal: int | None = None
         self._saved_step: int | None = None
+        self.budget = TimeBudget(cfg.train.max_minutes)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -106,7 +108,8 @@ class Trainer:
                                       cfg.checkpoint.keep_last, cfg.checkpoint.verify)
         source = self._resume_source() if self.resume else None
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, tr), config=self.ds_config)
+            model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, tr, self.budget),
+            config=self.ds_config)
         self._buffers_cast = match_buffer_dtypes(self.engine.module)
         self.loss_fn = build_loss(cfg.loss, check_range=False).to(self.device)  # checked on the CPU batch
         self.log = RunLog(self.run_dir, self.env.is_main, tr.tensorboard, cfg, resume=self.resume is not None)
@@ -233,7 +236,7 @@ class Trainer:
         """Client state saved beside DeepSpeed's shards (identical on every rank)."""
         return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
                 "history": self.history, "best": self.best, "config": _written(self.cfg),
-                "code_version": code_version(), "world_size": self.env.world_size}
+                "code_version": code_version(), "world_size": self.env.world_size, "train_seconds": self.budget.agreed_s}
 
     def save(self) -> str:
         meta = {"zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.cfg.deepspeed.precision,
@@ -290,6 +293,7 @@ class Trainer:
         self.step, self.epoch = client["step"], client["epoch"]
         self._saved_step = self.step
         self.history = client["history"]
+        self.budget.resume_from(client.get("train_seconds", 0.0))  # the scheduler holds this object
         self.best = tuple(client["best"]) if client["best"] else None
         # the same global sample count, spread over the new number of ranks
         self.batches_in_epoch = client["batches_in_epoch"] * saved_world // self.env.world_size
@@ -333,6 +337,8 @@ class Trainer:
             speed.new_window()  # validation and checkpoint pauses are not training throughput
         if not (logged or paused or self.step % STOP_CHECK_EVERY == 0):
             return None
+        if self.budget.minutes:  # one agreed clock: every rank's LR and stop read the same seconds
+            self.budget.agree(coll.all_max(self.budget.local_seconds()))
         if coll.all_max(1.0 if self._signal is not None else 0.0) > 0:
             if not saved:
                 self.save()
@@ -369,8 +375,9 @@ class Trainer:
         self.engine.train()
         self.log.start_progress(tr.max_steps, self.step)
         speed, losses = Throughput(), []
+        self.budget.start()
         try:
-            while self.step < tr.max_steps:
+            while self.step < tr.max_steps and not self.budget.spent:
                 self.sampler.set_epoch(self.epoch)
                 self.sampler.skip(self.batches_in_epoch * self.cfg.data.batch_size)
                 self.loader.generator = torch.Generator().manual_seed(tr.seed * 1000 + self.epoch)
@@ -387,7 +394,7 @@ class Trainer:
                         code = self._after_optimizer_step(losses, speed)
                         if code is not None:
                             return code
-                        if self.step >= tr.max_steps:
+                        if self.step >= tr.max_steps or self.budget.spent:
                             break
                 else:
                     self._end_of_epoch()
@@ -413,15 +420,16 @@ class Trainer:
                 pass
 
     def _finish(self) -> int:
-        last = self.history[-1]["step"] if self.history else -1
-        if last != self.step:
+        if (self.history[-1]["step"] if self.history else -1) != self.step:
             self._validate_and_track()
         if self._saved_step != self.step:
             self.save()
         if self.env.is_main:
             final = {"step": self.step, "epoch": self.epoch, "best": self.best,
                      "last_validation": self.history[-1] if self.history else None,
-                     "world_size": self.env.world_size, "code_version": code_version()}
+                     "world_size": self.env.world_size, "code_version": code_version(),
+                     "train_seconds": round(self.budget.agreed_s, 1),
+                     "stopped_by": "max_minutes" if self.step < self.cfg.train.max_steps else "max_steps"}
             atomic_write_json(self.run_dir / "final.json", final)
             self.log.final(final)
         return EXIT_OK
