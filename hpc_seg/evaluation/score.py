@@ -52,7 +52,7 @@ def score_labels(store, plan, cases: list[str], labels_of: Callable[[str], np.nd
     metrics = SegmentationMetrics(len(names), names, pr_class=None)
     extra = {}
     for cid in cases:
-        labels = np.ascontiguousarray(labels_of(cid), dtype=np.uint8)
+        labels = np.array(labels_of(cid), dtype=np.uint8, order="C")  # a writable copy (torch.from_numpy)
         g = store.root["cases"][cid]
         label = lut[g["label"][...]]
         if labels.shape != label.shape:

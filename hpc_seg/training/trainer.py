@@ -325,20 +325,20 @@ class Trainer:
         every ``STOP_CHECK_EVERY`` steps, so a preempted job stops within that many steps."""
         tr, ck = self.cfg.train, self.cfg.checkpoint
         logged = self.step % tr.log_every_steps == 0 or self.step == tr.max_steps
+        validating = bool(tr.val_every_steps) and self.step % tr.val_every_steps == 0
+        saving = bool(ck.every_steps) and self.step % ck.every_steps == 0
+        if not (logged or validating or saving or self.step % STOP_CHECK_EVERY == 0):
+            return None
+        if self.budget.minutes:  # one agreed clock (every rank's LR and stop), before a checkpoint records it
+            self.budget.agree(coll.all_max(self.budget.local_seconds()))
         if logged:
             self._log_train(losses, speed)
-        saved = paused = False
-        if tr.val_every_steps and self.step % tr.val_every_steps == 0:
-            saved, paused = self._validate_and_track(), True
-        if ck.every_steps and self.step % ck.every_steps == 0 and not saved:
+        saved = self._validate_and_track() if validating else False
+        if saving and not saved:
             self.save()
-            saved = paused = True
-        if paused:
+            saved = True
+        if validating or saving:
             speed.new_window()  # validation and checkpoint pauses are not training throughput
-        if not (logged or paused or self.step % STOP_CHECK_EVERY == 0):
-            return None
-        if self.budget.minutes:  # one agreed clock: every rank's LR and stop read the same seconds
-            self.budget.agree(coll.all_max(self.budget.local_seconds()))
         if coll.all_max(1.0 if self._signal is not None else 0.0) > 0:
             if not saved:
                 self.save()
