@@ -198,8 +198,9 @@ def _nnunet_score(env: dict, task_id: int, task: str, fold: str, store: Path, ca
         ending = [nnu.write_case(s, c, images, None, nnu.case_key(c)) for c in cases][-1]
     else:
         ending = ".png" if any(images.glob("*.png")) else ".nii.gz"
-    out = folder / f"pred-{checkpoint.split('.')[0]}"
-    seconds = nnu.predict(env, task_id, task, fold, images, out, device, mirror, log, checkpoint)
+    out = folder / f"pred-{checkpoint.split('.')[0]}{'-mirrored' if mirror else ''}"
+    done = out.is_dir() and all((out / f"{nnu.case_key(c)}{ending}").is_file() for c in cases)
+    seconds = 0.0 if done else nnu.predict(env, task_id, task, fold, images, out, device, mirror, log, checkpoint)
     res = score_labels(s, plan, cases, lambda c: nnu.read_prediction(out, c, ending))
     return res, seconds
 
@@ -266,7 +267,7 @@ def _nnunet_curve(env, task_id, fold, folder: Path, curve_set, plan, args, work:
     name, store, cases = curve_set
     curve = []
     for chk, at in points:
-        res, _ = _nnunet_score(env, task_id, args.task, fold, store, cases, work / f"curve-nnunet-{minutes:g}min-{name}",
+        res, _ = _nnunet_score(env, task_id, args.task, fold, store, cases, work / f"eval-nnunet-{minutes:g}min-{name}",
                                plan, args.device, False, log, checkpoint=chk)
         curve.append({"minutes": round(at, 2), "iou": res["per_class"][args.target]["iou"], "checkpoint": chk})
     return curve
