@@ -49,8 +49,10 @@ TASKS = {"kvasir": {"config": "configs/kvasir_cpu.yaml", "id": 501, "target": "p
                    "heldout": "ircadb:../shared/data/ircadb-01"}}
 
 
-def _hpc(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "hpc_seg", *args], check=True, cwd=ROOT)
+def _hpc(*args: str, device: str = "cuda") -> None:
+    """An ``hpc-seg`` command; ``device`` cpu hides the GPUs from it (training picks its accelerator itself)."""
+    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"} if device == "cpu" else {}))
+    subprocess.run([sys.executable, "-m", "hpc_seg", *args], check=True, cwd=ROOT, env=env)
 
 
 def _config(args, work: Path) -> tuple[dict, Path]:
@@ -64,6 +66,18 @@ def _config(args, work: Path) -> tuple[dict, Path]:
     path = work / f"{raw['name']}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return raw, path
+
+
+def _same_inputs(work: Path, inputs: dict) -> None:
+    """A work directory serves one set of inputs (its stores, runs and predictions are reused): refuse others."""
+    path = work / "peers-inputs.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
+        if changed:
+            raise SystemExit(f"{work}: made with other {', '.join(changed)} ({path}); use another --work or delete it")
+    else:
+        path.write_text(json.dumps(inputs, indent=1))
 
 
 def _load(path: Path, sets: list[str]):
@@ -88,19 +102,46 @@ def _runs(run: Path) -> list[Path]:
     return [run / s for s in ("stage1", "stage2")] if (run / "stage1").is_dir() else [run]
 
 
-def _val_curve(rows: list[dict], target: str) -> list[dict]:
-    """Validation IoU against training minutes: from each process's first batch, processes summed
-    (a resume starts a new one; the time between is not training)."""
-    curve, before, start, last = [], 0.0, None, None
+def _minutes_of(rows: list[dict], kind: str) -> list[tuple[float, dict]]:
+    """(training minutes, record) of each ``kind`` record: from each process's first batch, processes
+    summed (a resume starts a new one; the time between is not training)."""
+    out, before, start, last = [], 0.0, None, None
     for x in rows:
         if x.get("type") == "startup" and start is not None:
             before, start = before + (last - start), None
         elif x.get("type") == "loader_start" and start is None:
             start = x["time"]
         last = x.get("time", last)
-        if x.get("type") == "val" and x.get(f"iou_{target}") is not None and start is not None:
-            curve.append({"minutes": round((before + x["time"] - start) / 60, 2), "iou": x[f"iou_{target}"],
-                          "step": x["step"]})
+        if x.get("type") == kind and start is not None:
+            out.append(((before + x["time"] - start) / 60, x))
+    return out
+
+
+def _val_curve(rows: list[dict], target: str) -> list[dict]:
+    """hpc-seg's own validation during training (at the model's input size, as the trainer validates)."""
+    return [{"minutes": round(m, 2), "iou": x[f"iou_{target}"], "step": x["step"]}
+            for m, x in _minutes_of(rows, "val") if x.get(f"iou_{target}") is not None]
+
+
+def _hpc_curve(args, run: Path, curve_set) -> list[dict]:
+    """Every checkpoint of a one-stage run scored on the curve set without mirroring (on the store's
+    grid, as nnU-Net's snapshots are); a cascade: none (its final model is the one point)."""
+    if len(_runs(run)) > 1:
+        return []
+    name, store, split = curve_set
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    curve = []
+    for minutes, rec in _minutes_of(rows, "checkpoint"):
+        if not (run / "checkpoints" / rec["tag"]).is_dir() or any(c["tag"] == rec["tag"] for c in curve):
+            continue
+        out = run.parent / f"curve-hpc-seg-{name}" / rec["tag"]
+        if not (out / "metrics.json").is_file():
+            _hpc("evaluate", str(run), "--data", str(store), "--split", split, "--out", str(out), "--tag", rec["tag"],
+                 "--no-tta", *(["--limit", str(args.limit)] if args.limit else []),
+                 *(["--cpu"] if args.device == "cpu" else []), device=args.device)
+        res = json.loads((out / "metrics.json").read_text())
+        curve.append({"minutes": round(minutes, 2), "iou": res["per_class"][args.target]["iou"], "tag": rec["tag"],
+                      "step": rec["step"]})
     return curve
 
 
@@ -112,11 +153,12 @@ def _hpc_system(run: Path, target: str) -> dict:
         seconds += final["train_seconds"]
         steps.append(final["step"])
         rows = [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        train = [x for x in rows if x.get("type") == "train" and x.get("samples_per_s")]
-        speed.append(sum(x["samples_per_s"] for x in train) / max(len(train), 1))
+        train = [x for x in rows if x.get("type") == "train" and x.get("samples_per_s_cumulative")]
+        speed.append(train[-1]["samples_per_s_cumulative"] if train else 0.0)  # since the start, pauses left out
         curve += _val_curve(rows, target)
     return {"minutes": {"training": round(seconds / 60, 2)}, "steps": steps,
-            "samples_per_s": round(sum(speed) / len(speed), 2), "curve": curve}
+            "samples_per_s": round(sum(steps) / sum(s / max(v, 1e-9) for s, v in zip(steps, speed)), 2),
+            "samples_per_s_per_stage": [round(v, 2) for v in speed], "validation_during_training": curve}
 
 
 def _eval_sets(args, raw: dict, work: Path) -> dict[str, tuple[Path, str]]:
@@ -144,133 +186,39 @@ def _cases(store: Path, split: str, seed: int, limit: int | None) -> list[str]:
     return (s.case_ids if split == "all" else s.split(seed)[split])[:limit]
 
 
-def _per_case_means(res: dict) -> dict:
-    out = {}
-    for name in res["per_class"]:
-        rows = [r["per_class"].get(name) or {} for r in res["per_case"]]
-        dice = [r["dice"] for r in rows if r.get("dice") is not None]
-        iou = [r["iou"] for r in rows if r.get("iou") is not None]
-        out[name] = {"mean_dice_per_case": sum(dice) / len(dice) if dice else None,
-                     "mean_iou_per_case": sum(iou) / len(iou) if iou else None}
-    return out
-
-
-def _figures(res: dict) -> dict:
-    return {"per_class": res["per_class"], "per_case_mean": _per_case_means(res), "cases": res["cases"],
-            "lesions": res.get("lesions"), "note": res.get("note")}
-
-
 def _hpc_evaluate(run: Path, store: Path, split: str, out: Path, limit: int | None, device: str, tag: str) -> dict:
     args = ["evaluate", str(run), "--data", str(store), "--split", split, "--out", str(out), "--tag", tag]
-    _hpc(*args, *(["--limit", str(limit)] if limit else []), *(["--cpu"] if device == "cpu" else []))
+    _hpc(*args, *(["--limit", str(limit)] if limit else []), *(["--cpu"] if device == "cpu" else []), device=device)
     return json.loads((out / "metrics.json").read_text())
 
 
-def run_hpc(args, cfg_path: Path, cfg, work: Path, evals: dict, seed: int) -> tuple[dict, dict]:
+def run_hpc(args, cfg_path: Path, cfg, work: Path, evals: dict, seed: int, curve_set) -> tuple[dict, dict]:
+    """Train the recipe for ``args.minutes``; (system, results): its figures on every evaluation set
+    and its checkpoints' curve."""
     from hpc_seg.ingest.catalog import Store
 
-    run = work / "hpc-seg"
+    run = work / f"hpc-seg-{args.minutes:g}min"
     t0 = time.time()
-    sets = [*args.overrides, *_budget_sets(cfg, args.minutes)]
+    sets = [*args.overrides, *_budget_sets(cfg, args.minutes), "checkpoint.keep_last=1000"]  # all: the curve
     _hpc("train", "--config", str(cfg_path), "--run-dir", str(run), "--resume", "latest",
-         *[a for s in sets for a in ("--set", s)])
+         *[a for s in sets for a in ("--set", s)], device=args.device)
     system = _hpc_system(run, args.target)
-    system["minutes"]["train_command"] = round((time.time() - t0) / 60, 2)
+    took = run / "peers-train-command.json"  # the first command's minutes (a rerun finds the run trained)
+    if not took.is_file():
+        took.write_text(json.dumps({"seconds": time.time() - t0}))
+    system["minutes"]["train_command"] = round(json.loads(took.read_text())["seconds"] / 60, 2)
     results, seconds = {}, 0.0
     tag = "best" if Store.open(cfg.data.store).split(seed)["val"] else "latest"  # best: chosen on validation
     for name, (store, split) in evals.items():
         res = _hpc_evaluate(run, store, split, work / f"eval-hpc-seg-{name}", args.limit, args.device, tag)
-        results[name] = _figures(res)
+        results[name] = nnu.figures(res)
         seconds += res["seconds"]
         results[name]["tta"], results[name]["postprocess"] = res["tta"], res["postprocess"]
     system["minutes"]["inference"] = round(seconds / 60, 2)
+    system["curve"] = _hpc_curve(args, run, curve_set)
+    size = cfg.data.size
+    system["pixels_per_s"] = round(system["samples_per_s"] * size[0] * size[1])  # stage 1's input size
     return system, results
-
-
-def _nnunet_score(env: dict, task_id: int, task: str, fold: str, store: Path, cases: list[str], folder: Path, plan,
-                  device: str, mirror: bool, log: Path, checkpoint: str = "checkpoint_final.pth") -> tuple[dict, float]:
-    from hpc_seg.evaluation.score import score_labels
-    from hpc_seg.ingest.catalog import Store
-
-    s = Store.open(store)
-    images = folder / "images"
-    if not images.is_dir():
-        ending = [nnu.write_case(s, c, images, None, nnu.case_key(c)) for c in cases][-1]
-    else:
-        ending = ".png" if any(images.glob("*.png")) else ".nii.gz"
-    out = folder / f"pred-{checkpoint.split('.')[0]}{'-mirrored' if mirror else ''}"
-    done = out.is_dir() and all((out / f"{nnu.case_key(c)}{ending}").is_file() for c in cases)
-    seconds = 0.0 if done else nnu.predict(env, task_id, task, fold, images, out, device, mirror, log, checkpoint)
-    res = score_labels(s, plan, cases, lambda c: nnu.read_prediction(out, c, ending))
-    return res, seconds
-
-
-def _nnunet_system(folder: Path, pre_s: float, train_s: float) -> dict:
-    timing = json.loads((folder / "timing.json").read_text())
-    train_only = timing["train_seconds"] - timing["validation_seconds"]
-    return {"minutes": {"preprocessing": round(pre_s / 60, 2), "training": round(timing["train_seconds"] / 60, 2),
-                        "train_command": round(train_s / 60, 2)},
-            "epochs": timing["epochs"], "iterations": timing["train_iterations"],
-            "batch_size": timing["batch_size"], "patch_size": timing["patch_size"],
-            "samples_per_s": round(timing["train_iterations"] * timing["batch_size"] / max(train_only, 1e-9), 2),
-            "validation_minutes": round(timing["validation_seconds"] / 60, 2)}
-
-
-def run_nnunet(args, cfg, work: Path, evals: dict, split: dict, plan, minutes: float, curve_set) -> tuple[dict, dict]:
-    """Train nnU-Net for ``minutes``; its figures on every evaluation set and its snapshot curve."""
-    scratch = work / "nnunet"
-    env = nnu.environment(scratch)
-    env["nnUNet_results"] = str(scratch / f"results-{minutes:g}min")
-    Path(env["nnUNet_results"]).mkdir(parents=True, exist_ok=True)
-    log = scratch / f"nnunet-{minutes:g}min.log"
-    task_id = TASKS[args.task]["id"]
-    fold = "0" if split["val"] else "all"
-    pre_s = _nnunet_prepare(args, env, cfg, split, task_id, scratch / "nnunet-preprocess.log")
-    folder = nnu.model_folder(env, task_id, args.task, fold)
-    fracs = (0.25, 0.5, 0.75)
-    train_s = 0.0 if (folder / "checkpoint_final.pth").is_file() else nnu.train(
-        env, task_id, fold, minutes, args.device, log, snapshots=fracs)
-    system = _nnunet_system(folder, pre_s, train_s)
-    results, seconds = {}, 0.0
-    for name, (store, sp) in evals.items():
-        res, s = _nnunet_score(env, task_id, args.task, fold, store, _cases(store, sp, cfg.data.split_seed, args.limit),
-                               work / f"eval-nnunet-{minutes:g}min-{name}", plan, args.device, cfg.inference.tta, log)
-        results[name], seconds = _figures(res), seconds + s
-        results[name]["tta"], results[name]["postprocess"] = cfg.inference.tta, False
-    system["minutes"]["inference"] = round(seconds / 60, 2)
-    system["curve"] = _nnunet_curve(env, task_id, fold, folder, curve_set, plan, args, work, minutes, log)
-    return system, results
-
-
-def _nnunet_prepare(args, env: dict, cfg, split: dict, task_id: int, log: Path) -> float:
-    """Raw dataset + plan and preprocess, once per work directory (its seconds remembered)."""
-    done = Path(env["nnUNet_preprocessed"]) / "prepared.json"
-    if done.is_file():
-        return json.loads(done.read_text())["seconds"]
-    from hpc_seg.ingest.catalog import Store
-
-    t0 = time.time()
-    cases = split["train"] + split["val"]
-    nnu.write_raw(Store.open(cfg.data.store), cases, Path(env["nnUNet_raw"]), task_id, args.task)
-    nnu.plan_and_preprocess(env, task_id, log)
-    nnu.write_splits(Path(env["nnUNet_preprocessed"]), task_id, args.task, split["train"], split["val"])
-    seconds = time.time() - t0
-    done.write_text(json.dumps({"seconds": seconds, "cases": len(cases)}))
-    return seconds
-
-
-def _nnunet_curve(env, task_id, fold, folder: Path, curve_set, plan, args, work: Path, minutes: float, log) -> list:
-    """Snapshots (and the final checkpoint) scored on the curve set without mirroring."""
-    timing = json.loads((folder / "timing.json").read_text())
-    points = [(name, snap["minutes"]) for name, snap in timing["snapshots"].items()]
-    points.append(("checkpoint_final.pth", timing["train_seconds"] / 60))
-    name, store, cases = curve_set
-    curve = []
-    for chk, at in points:
-        res, _ = _nnunet_score(env, task_id, args.task, fold, store, cases, work / f"eval-nnunet-{minutes:g}min-{name}",
-                               plan, args.device, False, log, checkpoint=chk)
-        curve.append({"minutes": round(at, 2), "iou": res["per_class"][args.target]["iou"], "checkpoint": chk})
-    return curve
 
 
 def plot(curves: dict[str, list[dict]], finals: dict[str, tuple[float, float]], path: Path, title: str,
@@ -311,6 +259,8 @@ def _parse(argv) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.heldout is None and args.task == "liver":
         args.heldout = [TASKS["liver"]["heldout"]]
+    if args.limit is not None and args.limit < 1:
+        ap.error("--limit must be at least 1")
     if args.device is None:
         import torch
 
@@ -325,28 +275,34 @@ def main(argv=None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out or ROOT / "bench" / "results" / f"peers_{args.task}.json")
     raw, cfg_path = _config(args, work)
+    _same_inputs(work, {"task": args.task, "config": raw, "overrides": args.overrides, "heldout": args.heldout,
+                        "eval": args.eval, "limit": args.limit, "device": args.device})
     cfg = _load(cfg_path, args.overrides)
     from hpc_seg.ingest.catalog import Store
     from hpc_seg.ingest.prepare import is_prepared, prepare_for_config
     from hpc_seg.preprocessing.plan import read_plan
 
-    t0 = time.time()
-    if not is_prepared(cfg.data.store, cfg.data.split_seed):
+    prepared = work / "hpc-seg-prepared.json"  # its minutes, kept for reruns
+    if not is_prepared(cfg.data.store, cfg.data.split_seed) or not prepared.is_file():
+        t0 = time.time()
         prepare_for_config(cfg)
-    prep_s = time.time() - t0
+        prepared.write_text(json.dumps({"seconds": time.time() - t0}))
+    prep_s = json.loads(prepared.read_text())["seconds"]
     split = Store.open(cfg.data.store).split(cfg.data.split_seed)
     plan = read_plan(cfg.data.store, cfg.data.split_seed)
     evals = _eval_sets(args, raw, work)
     first = next(iter(evals))
-    curve_set = (("validation", Path(cfg.data.store), split["val"]) if split["val"] else
-                 (first, evals[first][0], _cases(*evals[first], cfg.data.split_seed, args.limit)))
+    curve_set = (("validation", Path(cfg.data.store), "val", split["val"][:args.limit]) if split["val"] else
+                 (first, *evals[first], _cases(*evals[first], cfg.data.split_seed, args.limit)))
     systems, results = {}, {}
-    systems["hpc-seg"], results["hpc-seg"] = run_hpc(args, cfg_path, cfg, work, evals, cfg.data.split_seed)
+    systems["hpc-seg"], results["hpc-seg"] = run_hpc(args, cfg_path, cfg, work, evals, cfg.data.split_seed,
+                                                     curve_set)
     systems["hpc-seg"]["minutes"]["preprocessing"] = round(prep_s / 60, 2)
     budgets = [("nnunet", args.minutes)] + ([(f"nnunet-{args.peer_minutes:g}min", args.peer_minutes)]
                                             if args.peer_minutes else [])
     for name, minutes in budgets:
-        systems[name], results[name] = run_nnunet(args, cfg, work, evals, split, plan, minutes, curve_set)
+        systems[name], results[name] = nnu.run(args, cfg, work, evals, split, plan, minutes, curve_set,
+                                               TASKS[args.task]["id"])
     return _report(args, cfg, systems, results, evals, curve_set, out)
 
 
@@ -360,8 +316,10 @@ def _report(args, cfg, systems: dict, results: dict, evals: dict, curve_set, out
               "heldout": args.heldout, "eval": {k: [str(v[0]), v[1]] for k, v in evals.items()},
               "curve_set": curve_set[0], "target": args.target, "mirroring": cfg.inference.tta,
               "cpu_count": os.cpu_count(), "results": results, "systems": systems}
+    from hpc_seg.storage.atomic import atomic_write_json
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    atomic_write_json(out, report, indent=1)
     finals = {name: (systems[name]["minutes"]["training"], results[name][curve_set[0]]["per_class"][args.target]["iou"])
               for name in systems if curve_set[0] in results[name]}
     plot({n: s["curve"] for n, s in systems.items()}, finals, out.with_suffix(".png"),

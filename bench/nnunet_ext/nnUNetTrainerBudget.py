@@ -10,7 +10,8 @@ iterations as fit in it, and nnU-Net's own validation after each (its 50 : 250 r
 validation to training iterations, at least one). ``HPC_SEG_PEER_SNAPSHOTS`` (fractions, comma
 separated) saves ``checkpoint_t<k>.pth`` at the first epoch end past each fraction, for the
 accuracy-against-minutes curve. ``timing.json`` beside the checkpoints: iterations, epochs, and
-seconds per phase.
+seconds per phase; written last, it marks a finished training. One process only: each rank
+would read its own clock (no DDP).
 """
 
 from __future__ import annotations
@@ -75,5 +76,6 @@ class nnUNetTrainerBudget(nnUNetTrainer):
         if self.local_rank == 0:
             with open(join(self.output_folder, "timing.json"), "w") as f:
                 json.dump({"budget_s": self.budget_s, "train_seconds": seconds, "epochs": self.num_epochs,
+                           "last_lr": self.optimizer.param_groups[0]["lr"],  # the budget's, not nnU-Net's logged one
                            "batch_size": self.batch_size, "patch_size": list(self.configuration_manager.patch_size),
                            **counts, "snapshots": snaps}, f, indent=1)

@@ -24,7 +24,11 @@ from nnUNetTrainerBudget import nnUNetTrainerBudget  # noqa: E402
 
 
 def _threads(device: torch.device) -> None:
-    if device.type == "cpu":  # nnUNetv2_train's own rule
+    """nnUNetv2_train's own settings."""
+    if torch.cuda.is_available():
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+    if device.type == "cpu":
         torch.set_num_threads(multiprocessing.cpu_count())
     else:
         torch.set_num_threads(1)

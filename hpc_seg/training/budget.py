@@ -42,6 +42,12 @@ class TimeBudget:
         """Record the seconds all ranks agreed on (the maximum over ranks)."""
         self.agreed_s = max(self.agreed_s, float(seconds))
 
+    def sync(self, all_max) -> None:
+        """Agree on the clock with the other ranks (``all_max``: the collective, called by every rank
+        at the same step); nothing without a budget."""
+        if self.minutes:
+            self.agree(all_max(self.local_seconds()))
+
     @property
     def fraction(self) -> float:
         """The share of the budget spent, as agreed (0 without a budget)."""

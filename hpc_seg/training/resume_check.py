@@ -16,6 +16,7 @@ REFUSED = ("model.", "data.mode", "data.slices", "data.patch_depth", "loss.kind"
            "deepspeed.precision", "deepspeed.zero_stage", "deepspeed.offload_optimizer", "deepspeed.offload_param")
 WARNED = {
     "train.max_steps": "moves the end of the learning-rate schedule",
+    "train.max_minutes": "moves the end of the learning-rate schedule and of training",
     "train.lr": "changes the learning rate from here on",
     "train.schedule": "changes the learning-rate schedule",
     "train.warmup_steps": "changes the learning-rate schedule",

@@ -42,8 +42,15 @@ class RunResult:
 
 
 def stage_done(stage_dir: Path, stage_cfg: Config) -> bool:
+    """Finished: its ``max_steps`` reached, or its ``max_minutes`` spent (``final.json``)."""
     final = Path(stage_dir) / "final.json"
-    return final.is_file() and json.loads(final.read_text()).get("step", -1) >= stage_cfg.train.max_steps
+    if not final.is_file():
+        return False
+    rec = json.loads(final.read_text())
+    if rec.get("step", -1) >= stage_cfg.train.max_steps:
+        return True
+    budget = stage_cfg.train.max_minutes
+    return rec.get("stopped_by") == "max_minutes" and budget is not None and rec.get("train_seconds", 0) >= budget * 60
 
 
 PATH_KEYS = (("data", "store"), ("data", "source"), ("data", "cache"), ("model", "pretrained"))

@@ -239,6 +239,7 @@ class Trainer:
                 "code_version": code_version(), "world_size": self.env.world_size, "train_seconds": self.budget.agreed_s}
 
     def save(self) -> str:
+        self.budget.sync(coll.all_max)  # every rank saves together: the checkpoint records the clock of now
         meta = {"zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.cfg.deepspeed.precision,
                 "model": self.cfg.model.name, "code_version": code_version(), "config": _written(self.cfg)}
         rank_state = {"rng": rng_state(), "rank": self.env.rank}
@@ -329,8 +330,7 @@ class Trainer:
         saving = bool(ck.every_steps) and self.step % ck.every_steps == 0
         if not (logged or validating or saving or self.step % STOP_CHECK_EVERY == 0):
             return None
-        if self.budget.minutes:  # one agreed clock (every rank's LR and stop), before a checkpoint records it
-            self.budget.agree(coll.all_max(self.budget.local_seconds()))
+        self.budget.sync(coll.all_max)  # one agreed clock: every rank's LR and stop read the same seconds
         if logged:
             self._log_train(losses, speed)
         saved = self._validate_and_track() if validating else False

@@ -35,6 +35,16 @@ def test_budget_fraction_moves_only_where_ranks_agree():
     assert TimeBudget(None).fraction == 0.0 and not TimeBudget(None).spent
 
 
+def test_a_stage_that_spent_its_budget_is_done(tmp_path):
+    from hpc_seg.training.stages import stage_done
+
+    cfg = load_config(None, ["train.max_steps=100", "train.max_minutes=1"])
+    (tmp_path / "final.json").write_text(json.dumps({"step": 40, "stopped_by": "max_minutes", "train_seconds": 61}))
+    assert stage_done(tmp_path, cfg)
+    assert not stage_done(tmp_path, load_config(None, ["train.max_steps=100", "train.max_minutes=2"]))
+    assert not stage_done(tmp_path, load_config(None, ["train.max_steps=100"]))
+
+
 def test_max_minutes_is_checked_at_load(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  max_minutes: 0\n")
@@ -53,6 +63,10 @@ def test_time_budget_stops_two_ranks_and_resume_carries_the_clock(tmp_path, stor
     assert 3.0 <= final["train_seconds"] < 30.0
     lrs = [rec["lr"] for rec in records(run, "train")]
     assert max(lrs) > 0.005 and lrs[-1] < 0.002  # the cosine decayed over the budget, not over 100000 steps
+
+    r = run_train(run, store, sets, resume="latest")  # the same budget: spent, as its checkpoint recorded
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((run / "final.json").read_text())["step"] == final["step"]
 
     r = run_train(run, store, sets[:1] + ["train.max_minutes=0.1"] + sets[2:], resume="latest")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
