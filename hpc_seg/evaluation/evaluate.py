@@ -38,9 +38,8 @@ from hpc_seg.evaluation.cascade import case_labels, load_model
 from hpc_seg.evaluation.model_io import device_and_dtype, inference_settings
 from hpc_seg.evaluation.onnx_io import OnnxModel
 from hpc_seg.evaluation.predict import save_case_prediction
-from hpc_seg.evaluation.score import add_case
+from hpc_seg.evaluation.score import add_case, summarise
 from hpc_seg.metrics import SegmentationMetrics, plot_pr_curve
-from hpc_seg.metrics.lesions import sum_lesions
 from hpc_seg.models import count_parameters
 from hpc_seg.storage.atomic import atomic_write_json, atomic_write_text
 
@@ -76,12 +75,7 @@ def evaluate(source, store, split: str = "test", out="eval", tag: str = "best", 
         extra[cid], shown[cid] = _score_case(store.root["cases"][cid], cid, model, plan, metrics, lut, index, info,
                                              device, amp, tta, postprocess, out if save_predictions else None)
     seconds = time.perf_counter() - t0
-    res = metrics.compute()
-    for row in res["per_case"]:
-        row.update(extra[row["case"]])
-    scored = [extra[c]["lesions"] for c in cases if "lesions" in extra[c]]
-    if scored:
-        res["lesions"] = sum_lesions(scored)
+    res = summarise(metrics, extra, cases)
     res.update({"source": str(source), "store": store.path, "split": split, "cases": len(cases),
                 "seconds": seconds, "volumes_per_s": len(cases) / seconds, "device": str(device), "runtime": getattr(model, "provider", "torch"),
                 "tta": tta, "postprocess": postprocess, "model": cfg.model.name, "size": cfg.model.size,

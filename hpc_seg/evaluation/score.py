@@ -62,11 +62,17 @@ def score_labels(store, plan, cases: list[str], labels_of: Callable[[str], np.nd
             raise HpcSegError(f"case {cid}: label {int(labels.max())} is not a class of {names}")
         lmap = case_label_map(plan, index, cid, info["classes"])
         extra[cid] = add_case(metrics, cid, labels, label, lmap, index["cases"][cid]["stats"]["spacing"], names)
+    res = summarise(metrics, extra, cases)
+    res.update({"store": store.path, "cases": len(cases), "note": merged_note(plan, info["classes"])})
+    return res
+
+
+def summarise(metrics: SegmentationMetrics, extra: dict[str, dict], cases: list[str]) -> dict:
+    """The pooled figures with each case's own (``extra``: ``add_case``'s) and the pooled lesions."""
     res = metrics.compute()
     for row in res["per_case"]:
         row.update(extra[row["case"]])
     scored = [extra[c]["lesions"] for c in cases if "lesions" in extra[c]]
     if scored:
         res["lesions"] = sum_lesions(scored)
-    res.update({"store": store.path, "cases": len(cases), "note": merged_note(plan, info["classes"])})
     return res
