@@ -71,6 +71,7 @@ def _config(args, work: Path) -> tuple[dict, Path]:
 def _same_inputs(work: Path, inputs: dict) -> None:
     """A work directory serves one set of inputs (its stores, runs and predictions are reused): refuse others."""
     path = work / "peers-inputs.json"
+    inputs = json.loads(json.dumps(inputs))  # as the file holds them (tuples as lists)
     if path.is_file():
         before = json.loads(path.read_text())
         changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
@@ -128,7 +129,7 @@ def _hpc_curve(args, run: Path, curve_set) -> list[dict]:
     grid, as nnU-Net's snapshots are); a cascade: none (its final model is the one point)."""
     if len(_runs(run)) > 1:
         return []
-    name, store, split = curve_set
+    name, store, split, _ = curve_set
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     curve = []
     for minutes, rec in _minutes_of(rows, "checkpoint"):
@@ -145,20 +146,21 @@ def _hpc_curve(args, run: Path, curve_set) -> list[dict]:
     return curve
 
 
-def _hpc_system(run: Path, target: str) -> dict:
-    """Training minutes (the budget's clock), steps, samples/s and the validation curve of a run."""
-    seconds, steps, speed, curve = 0.0, [], [], []
-    for r in _runs(run):
+def _hpc_system(run: Path, target: str, stage_cfgs: list) -> dict:
+    """Training minutes (the budget's clock), steps, samples and pixels per training second (the
+    budget's seconds: validation and checkpoints included, as nnU-Net's are) and the validation curve."""
+    seconds, steps, samples, pixels, curve = 0.0, [], 0, 0, []
+    for r, c in zip(_runs(run), stage_cfgs):
         final = json.loads((r / "final.json").read_text())
         seconds += final["train_seconds"]
         steps.append(final["step"])
+        n = final["step"] * c.data.batch_size * c.train.grad_accum * final["world_size"]
+        samples, pixels = samples + n, pixels + n * c.data.size[0] * c.data.size[1]
         rows = [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        train = [x for x in rows if x.get("type") == "train" and x.get("samples_per_s_cumulative")]
-        speed.append(train[-1]["samples_per_s_cumulative"] if train else 0.0)  # since the start, pauses left out
         curve += _val_curve(rows, target)
-    return {"minutes": {"training": round(seconds / 60, 2)}, "steps": steps,
-            "samples_per_s": round(sum(steps) / sum(s / max(v, 1e-9) for s, v in zip(steps, speed)), 2),
-            "samples_per_s_per_stage": [round(v, 2) for v in speed], "validation_during_training": curve}
+    return {"minutes": {"training": round(seconds / 60, 2)}, "steps": steps, "samples": samples,
+            "samples_per_s": round(samples / max(seconds, 1e-9), 2), "pixels_per_s": round(pixels / max(seconds, 1e-9)),
+            "input_sizes": [list(c.data.size) for c in stage_cfgs], "validation_during_training": curve}
 
 
 def _eval_sets(args, raw: dict, work: Path) -> dict[str, tuple[Path, str]]:
@@ -195,6 +197,7 @@ def _hpc_evaluate(run: Path, store: Path, split: str, out: Path, limit: int | No
 def run_hpc(args, cfg_path: Path, cfg, work: Path, evals: dict, seed: int, curve_set) -> tuple[dict, dict]:
     """Train the recipe for ``args.minutes``; (system, results): its figures on every evaluation set
     and its checkpoints' curve."""
+    from hpc_seg.config.cascade import stage_configs
     from hpc_seg.ingest.catalog import Store
 
     run = work / f"hpc-seg-{args.minutes:g}min"
@@ -202,7 +205,8 @@ def run_hpc(args, cfg_path: Path, cfg, work: Path, evals: dict, seed: int, curve
     sets = [*args.overrides, *_budget_sets(cfg, args.minutes), "checkpoint.keep_last=1000"]  # all: the curve
     _hpc("train", "--config", str(cfg_path), "--run-dir", str(run), "--resume", "latest",
          *[a for s in sets for a in ("--set", s)], device=args.device)
-    system = _hpc_system(run, args.target)
+    stage_cfgs = [c for _, c in stage_configs(cfg)] if cfg.cascade.enabled else [cfg]
+    system = _hpc_system(run, args.target, stage_cfgs)
     took = run / "peers-train-command.json"  # the first command's minutes (a rerun finds the run trained)
     if not took.is_file():
         took.write_text(json.dumps({"seconds": time.time() - t0}))
@@ -216,8 +220,6 @@ def run_hpc(args, cfg_path: Path, cfg, work: Path, evals: dict, seed: int, curve
         results[name]["tta"], results[name]["postprocess"] = res["tta"], res["postprocess"]
     system["minutes"]["inference"] = round(seconds / 60, 2)
     system["curve"] = _hpc_curve(args, run, curve_set)
-    size = cfg.data.size
-    system["pixels_per_s"] = round(system["samples_per_s"] * size[0] * size[1])  # stage 1's input size
     return system, results
 
 
@@ -271,13 +273,14 @@ def _parse(argv) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = _parse(argv)
+    args.started = time.time()
     work = Path(args.work or ROOT / "outputs" / "peers" / args.task).resolve()
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out or ROOT / "bench" / "results" / f"peers_{args.task}.json")
     raw, cfg_path = _config(args, work)
+    cfg = _load(cfg_path, args.overrides)  # a bad override is refused before the work directory is claimed
     _same_inputs(work, {"task": args.task, "config": raw, "overrides": args.overrides, "heldout": args.heldout,
                         "eval": args.eval, "limit": args.limit, "device": args.device})
-    cfg = _load(cfg_path, args.overrides)
     from hpc_seg.ingest.catalog import Store
     from hpc_seg.ingest.prepare import is_prepared, prepare_for_config
     from hpc_seg.preprocessing.plan import read_plan
@@ -308,14 +311,15 @@ def main(argv=None) -> dict:
 
 def _report(args, cfg, systems: dict, results: dict, evals: dict, curve_set, out: Path) -> dict:
     hpc = systems["hpc-seg"]
-    if not hpc["curve"]:  # no validation split: its one point is the final model on the curve set
+    if not hpc["curve"] and curve_set[0] in results["hpc-seg"]:  # a cascade: its final model on the curve set
         hpc["curve"] = [{"minutes": hpc["minutes"]["training"],
                          "iou": results["hpc-seg"][curve_set[0]]["per_class"][args.target]["iou"]}]
     report = {"task": args.task, "minutes": args.minutes, "peer_minutes": args.peer_minutes, "device": args.device,
               "config": str(args.config or TASKS[args.task]["config"]), "overrides": args.overrides,
               "heldout": args.heldout, "eval": {k: [str(v[0]), v[1]] for k, v in evals.items()},
               "curve_set": curve_set[0], "target": args.target, "mirroring": cfg.inference.tta,
-              "cpu_count": os.cpu_count(), "results": results, "systems": systems}
+              "cpu_count": os.cpu_count(), "results": results, "systems": systems,
+              "this_invocation_minutes": round((time.time() - args.started) / 60, 2)}  # reused parts count 0
     from hpc_seg.storage.atomic import atomic_write_json
 
     out.parent.mkdir(parents=True, exist_ok=True)

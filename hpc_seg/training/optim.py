@@ -34,14 +34,16 @@ def build_optimizer(model: nn.Module, tr, offload: bool = False) -> torch.optim.
 
 def lr_factor(step: int, tr, time_fraction: float = 0.0) -> float:
     """Multiplier of ``tr.lr`` at optimizer step ``step`` (0-based). ``time_fraction``: the share
-    of ``train.max_minutes`` spent (``hpc_seg.training.budget``); the decay runs on whichever of
-    steps and time is further along, so a time budget compresses the schedule to end on it."""
+    of ``train.max_minutes`` spent (``hpc_seg.training.budget``); the schedule runs at whichever is
+    further along, the step or the step that share of the budget stands for, so a time budget
+    compresses the whole schedule (warmup included) to end on it."""
     if tr.schedule == "constant":
         return 1.0
+    step = max(step, time_fraction * tr.max_steps)
     if step < tr.warmup_steps:
         return (step + 1) / tr.warmup_steps
     span = max(tr.max_steps - tr.warmup_steps, 1)
-    t = min(max((step - tr.warmup_steps) / span, time_fraction), 1.0)
+    t = min((step - tr.warmup_steps) / span, 1.0)
     if tr.schedule == "warmup_poly":
         return max((1 - t) ** tr.poly_power, tr.min_lr_ratio)
     return tr.min_lr_ratio + (1 - tr.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))

