@@ -181,13 +181,6 @@ def _eval_sets(args, raw: dict, work: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
-def _cases(store: Path, split: str, seed: int, limit: int | None) -> list[str]:
-    from hpc_seg.ingest.catalog import Store
-
-    s = Store.open(store)
-    return (s.case_ids if split == "all" else s.split(seed)[split])[:limit]
-
-
 def _hpc_evaluate(run: Path, store: Path, split: str, out: Path, limit: int | None, device: str, tag: str) -> dict:
     args = ["evaluate", str(run), "--data", str(store), "--split", split, "--out", str(out), "--tag", tag]
     _hpc(*args, *(["--limit", str(limit)] if limit else []), *(["--cpu"] if device == "cpu" else []), device=device)
@@ -296,7 +289,7 @@ def main(argv=None) -> dict:
     evals = _eval_sets(args, raw, work)
     first = next(iter(evals))
     curve_set = (("validation", Path(cfg.data.store), "val", split["val"][:args.limit]) if split["val"] else
-                 (first, *evals[first], _cases(*evals[first], cfg.data.split_seed, args.limit)))
+                 (first, *evals[first], nnu.cases_of(*evals[first], cfg.data.split_seed, args.limit)))
     systems, results = {}, {}
     systems["hpc-seg"], results["hpc-seg"] = run_hpc(args, cfg_path, cfg, work, evals, cfg.data.split_seed,
                                                      curve_set)

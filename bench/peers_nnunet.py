@@ -252,17 +252,25 @@ def run(args, cfg, work: Path, evals: dict, split: dict, plan, minutes: float, c
     train_s = json.loads((folder / "command.json").read_text())["seconds"] if (folder / "command.json").is_file() else 0.0
     system, results, seconds = _system(folder, pre_s, train_s), {}, 0.0
     for name, (path, sp) in evals.items():
-        cases = Store.open(path).case_ids if sp == "all" else Store.open(path).split(cfg.data.split_seed)[sp]
+        cases = cases_of(path, sp, cfg.data.split_seed, args.limit)
         folder_e = work / f"eval-nnunet-{minutes:g}min-{name}"
-        res, s = score(env, ctx, path, cases[:args.limit], folder_e, cfg.inference.tta)
+        res, s = score(env, ctx, path, cases, folder_e, cfg.inference.tta)
         results[name], seconds = figures(res), seconds + s
         results[name].update(tta=cfg.inference.tta, postprocess=False)
         if cfg.inference.postprocess:
-            pp, _ = score(env, ctx, path, cases[:args.limit], folder_e, cfg.inference.tta, postprocess=True)
+            pp, _ = score(env, ctx, path, cases, folder_e, cfg.inference.tta, postprocess=True)
             results[name]["with_hpc_seg_postprocess"] = figures(pp)
     system["minutes"]["inference"] = round(seconds / 60, 2)
     system["curve"] = _curve(env, ctx, folder, curve_set, curve_set[3], work, args.target)
     return system, results
+
+
+def cases_of(store: Path, split: str, seed: int, limit: int | None) -> list[str]:
+    """The cases of a store's split (``all``: every case), the first ``limit`` of them."""
+    from hpc_seg.ingest.catalog import Store
+
+    s = Store.open(store)
+    return (s.case_ids if split == "all" else s.split(seed)[split])[:limit]
 
 
 def figures(res: dict) -> dict:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from hpc_seg.ingest.catalog import Store
 
@@ -24,23 +23,12 @@ def _module():
 
 
 @pytest.fixture(scope="module")
-def rgb_store(tmp_path_factory):
-    """Six synthetic RGB images with a disc each, prepared as a Kvasir-SEG store."""
+def rgb_store(synthetic_rgb, tmp_path_factory):
+    """The generated RGB images (tests/conftest.py), prepared as a Kvasir-SEG store."""
     from hpc_seg.ingest.prepare import prepare
 
-    src = tmp_path_factory.mktemp("rgb")
-    (src / "images").mkdir()
-    (src / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:48, :64]
-    for i in range(6):
-        disc = (yy - 20 - i) ** 2 + (xx - 30 - 2 * i) ** 2 < 100
-        img = rng.integers(0, 120, (48, 64, 3), dtype=np.uint8)
-        img[disc] = (200, 90, 60)
-        Image.fromarray(img).save(src / "images" / f"img.{i}.png")
-        Image.fromarray((disc * 255).astype(np.uint8)).save(src / "masks" / f"img.{i}.png")
     out = tmp_path_factory.mktemp("stores") / "rgb.zarr"
-    assert prepare("kvasir", src, out, workers=1, show_progress=False).report.ok
+    assert prepare("kvasir", synthetic_rgb, out, workers=1, show_progress=False).report.ok
     return out
 
 
